@@ -1,0 +1,70 @@
+"""All of Graft's configuration: one Settings object, read from GRAFT_* environment variables."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("./data")
+    # Default: a SQLite file inside data_dir (filled in by the validator below).
+    database_url: str = ""
+    workers: int = Field(1, ge=0, le=64, description="worker processes `graft serve` starts")
+    allow_downloads: bool = False
+
+    # Job queue
+    poll_interval_s: float = Field(0.5, gt=0)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    stale_after_heartbeats: int = Field(3, ge=2)  # a job silent this many intervals is re-queued
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(2.0, ge=0)
+
+    # Uploads
+    max_upload_bytes: int = 2 * 1024**3
+    max_archive_entries: int = 100_000
+    max_entry_bytes: int = 64 * 1024**2
+    max_archive_bytes: int = 8 * 1024**3
+    max_compression_ratio: float = 200.0
+    max_predict_files: int = 64
+
+    # Prediction
+    model_cache_size: int = Field(4, ge=1)
+    torch_threads: int = Field(0, ge=0, description="0 = PyTorch's default")
+
+    @model_validator(mode="after")
+    def _default_database(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'graft.db').resolve()}"
+        return self
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def stale_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.stale_after_heartbeats
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.blobs_dir, self.models_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

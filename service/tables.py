@@ -1,0 +1,88 @@
+"""ORM tables: datasets and their images, jobs (the queue), trained models."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base, UTCDateTime, utcnow
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Dataset(Base):
+    __tablename__ = "dataset"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    classes: Mapped[list] = mapped_column(JSON)  # sorted label names
+    class_counts: Mapped[dict] = mapped_column(JSON)  # label -> usable images
+    split_counts: Mapped[dict] = mapped_column(JSON)  # "train"/"val"/"unsplit" -> label -> n
+    num_images: Mapped[int] = mapped_column(Integer)
+    has_val_split: Mapped[bool] = mapped_column(Boolean)
+    rejected: Mapped[list] = mapped_column(JSON)  # [{"path", "reason"}]
+
+
+class DatasetImage(Base):
+    """One labeled image of a dataset; the bytes live once in the blob store under their sha256."""
+
+    __tablename__ = "dataset_image"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(200))
+    split: Mapped[str | None] = mapped_column(String(8))  # "train", "val" or None (split at job time)
+    original_name: Mapped[str] = mapped_column(String(1024))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+
+
+class Job(Base):
+    """A training run and its place in the queue. Worker writes are conditional on lease_token."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_claim", "status", "priority", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id"), index=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class Model(Base):
+    """A trained classifier: safetensors + manifest under the data dir, verified by sha256."""
+
+    __tablename__ = "model"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id"), unique=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    backbone: Mapped[str] = mapped_column(String(64))
+    classes: Mapped[list] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    recipe: Mapped[dict] = mapped_column(JSON)
+    artifact_dir: Mapped[str] = mapped_column(String(1024))  # relative to the data dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)

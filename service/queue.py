@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import and_, select, update
 
 from service.db import Database, utcnow
-from service.tables import Job, Model
+from service.tables import Job, Model, new_id
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -48,6 +48,10 @@ class JobQueue:
     @staticmethod
     def request_cancel(session, job: Job) -> None:
         """A queued job is cancelled at once; a running one is told to stop at its next step."""
+        # Decide on the row as it is now, locked: a worker may have claimed or even finished the
+        # job since the caller loaded it, and writing status from a stale read would overwrite
+        # that (a running or succeeded job, model published, shown as cancelled).
+        session.refresh(job, with_for_update=True)
         now = utcnow()
         if job.status == QUEUED:
             job.status, job.finished_at = CANCELLED, now
@@ -103,6 +107,7 @@ class JobQueue:
 
     def publish(self, claim: Claim, model: Model) -> bool:
         """Insert the model row and mark the job succeeded in one transaction, only under lease."""
+        model.id = model.id or new_id()
         with self.db.session() as s:
             res = s.execute(
                 update(Job).where(self._leased(claim))
@@ -155,11 +160,17 @@ class JobQueue:
         return res.rowcount == 1
 
     def requeue_stale(self) -> list[str]:
-        """Re-queue running jobs whose worker went silent; fail those out of attempts."""
+        """Re-queue running jobs whose worker went silent; fail those out of attempts, and finish
+        as cancelled those the user had asked to stop (they must not run again)."""
         now = utcnow()
         silent = and_(Job.status == RUNNING, Job.heartbeat_at < now - timedelta(seconds=self.stale_after_s))
         lost = "the worker running this job stopped responding"
         with self.db.session() as s:
+            cancelled = s.execute(
+                update(Job).where(silent, Job.cancel_requested.is_(True))
+                .values(status=CANCELLED, finished_at=now, lease_token=None, worker_id=None)
+                .returning(Job.id).execution_options(synchronize_session=False)
+            ).scalars().all()
             failed = s.execute(
                 update(Job).where(silent, Job.attempts >= Job.max_attempts)
                 .values(status=FAILED, finished_at=now, lease_token=None, worker_id=None,
@@ -172,7 +183,7 @@ class JobQueue:
                         error_code="worker_lost", error_message=lost + "; re-queued")
                 .returning(Job.id).execution_options(synchronize_session=False)
             ).scalars().all()
-        return list(requeued) + list(failed)
+        return list(requeued) + list(failed) + list(cancelled)
 
     def _backoff(self, attempts: int) -> timedelta:
         base = self.retry_backoff_s * 2 ** max(0, attempts - 1)

@@ -151,7 +151,7 @@ def _fit_linear_probe(config: TrainConfig, data: PreparedData, classifier: Class
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(idx), count + len(idx)
+            total, count = total + loss.item() * len(idx), count + len(idx)
         head.eval()
         with torch.no_grad():
             report = _epoch_report(epoch, config.epochs, total / max(count, 1), head(val_f).float().cpu(), val_y.cpu())
@@ -214,7 +214,7 @@ def _fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, 
             loss.backward()
             opt.step()
             sched.step()
-            total, count, seen = total + float(loss) * len(idx), count + len(idx), seen + len(idx)
+            total, count, seen = total + loss.item() * len(idx), count + len(idx), seen + len(idx)
             control.progress({"phase": "training", "epoch": epoch, "epochs": config.epochs,
                               "step": step, "steps": steps_per_epoch})
             control.checkpoint()

@@ -1,0 +1,94 @@
+"""Shared fixtures: isolated settings and databases (SQLite file, or a fresh PostgreSQL database)."""
+from __future__ import annotations
+
+import io
+import os
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.db import Database
+from service.migrate import upgrade
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+PG_ADMIN_URL = os.environ.get("GRAFT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def pytest_configure(config):
+    if not HYMENOPTERA.is_dir():
+        raise pytest.UsageError(f"the shared hymenoptera dataset is missing at {HYMENOPTERA}")
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Settings on a fresh data dir with a migrated SQLite database."""
+    s = Settings(data_dir=tmp_path / "data", heartbeat_interval_s=0.5, poll_interval_s=0.1,
+                 retry_backoff_s=0.0)
+    s.ensure_dirs()
+    upgrade(s.database_url)
+    return s
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL database created for this test, migrated, and dropped afterwards."""
+    name = f"graft_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # the server runs in every session and in CI: missing is a failure
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {exc}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db_settings(request, tmp_path) -> Settings:
+    """The same test on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("settings")
+    url = request.getfixturevalue("postgres_url")
+    s = Settings(data_dir=tmp_path / "data", database_url=url, heartbeat_interval_s=0.5,
+                 poll_interval_s=0.1, retry_backoff_s=0.0)
+    s.ensure_dirs()
+    return s
+
+
+@pytest.fixture
+def db(any_db_settings) -> Database:
+    database = Database(any_db_settings.database_url)
+    yield database
+    database.dispose()
+
+
+def hymenoptera_files(split: str, label: str) -> list[Path]:
+    return sorted(p for p in (HYMENOPTERA / split / label).iterdir() if p.is_file())
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def subset_zip(per_class_train: int, per_class_val: int, wrap: str | None = "photos") -> bytes:
+    """A stratified slice of hymenoptera in the train/val layout (first files by name, so stable)."""
+    entries = {}
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for label in ("ants", "bees"):
+            for p in hymenoptera_files(split, label)[:n]:
+                prefix = f"{wrap}/" if wrap else ""
+                entries[f"{prefix}{split}/{label}/{p.name}"] = p.read_bytes()
+    return make_zip(entries)

@@ -1,0 +1,90 @@
+"""Training functions on a handful of real photos: reproducible, BatchNorm statistics frozen."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import hymenoptera_files
+from workers.backbones import get_backbone
+from workers.config import TrainConfig
+from workers.data import stratified_split
+from workers.preprocessing import decode_square
+from workers.training import PreparedData, _param_groups, train
+
+SPEC = get_backbone("efficientnet_lite0")
+PRE = SPEC.preprocessing.at_size(64)
+
+
+class Recorder:
+    def __init__(self):
+        self.updates = []
+
+    def checkpoint(self):
+        pass
+
+    def progress(self, update):
+        self.updates.append(update)
+
+
+@pytest.fixture(scope="module")
+def data() -> PreparedData:
+    def load(split, n):
+        xs, ys = [], []
+        for y, label in enumerate(("ants", "bees")):
+            for p in hymenoptera_files(split, label)[:n]:
+                xs.append(decode_square(p.read_bytes(), PRE))
+                ys.append(y)
+        return torch.stack(xs), torch.tensor(ys)
+    (tx, ty), (vx, vy) = load("train", 6), load("val", 3)
+    return PreparedData(["ants", "bees"], PRE, tx, ty, vx, vy)
+
+
+def run(strategy: str, data: PreparedData, **overrides):
+    config = TrainConfig(strategy=strategy, epochs=2, batch_size=4, image_size=64, seed=7, **overrides)
+    features = SPEC.build_features(pretrained=True)
+    return train(config, data, features, SPEC.feature_dim, Recorder(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "fine_tune"])
+def test_same_seed_same_model(strategy, data):
+    a, b = run(strategy, data), run(strategy, data)
+    assert a.history == b.history
+    for (name, wa), wb in zip(a.classifier.state_dict().items(), b.classifier.state_dict().values()):
+        assert torch.equal(wa, wb), name
+
+
+def test_fine_tune_keeps_batchnorm_running_statistics(data):
+    pretrained = SPEC.build_features(pretrained=True).state_dict()
+    result = run("fine_tune", data, augmentation="strong")
+    tuned = {k.removeprefix("features."): v for k, v in result.classifier.state_dict().items()
+             if k.startswith("features.")}
+    stats = [k for k in pretrained if "running_" in k]
+    assert stats and all(torch.equal(pretrained[k], tuned[k]) for k in stats)
+    assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained if k.endswith("weight")), \
+        "fine-tuning must change backbone weights"
+
+
+def test_linear_probe_leaves_backbone_untouched(data):
+    result = run("linear_probe", data)
+    pretrained = SPEC.build_features(pretrained=True).state_dict()
+    assert all(torch.equal(v, pretrained[k.removeprefix("features.")])
+               for k, v in result.classifier.state_dict().items() if k.startswith("features."))
+    assert result.metrics["confusion_matrix"]["labels"] == ["ants", "bees"]
+    assert result.metrics["best_epoch"] in (1, 2)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    decay, no_decay = _param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and len(no_decay["params"]) == 4  # 2 biases + BN affine
+
+
+def test_stratified_split_holds_out_each_class_and_is_seeded():
+    labels = [0] * 10 + [1] * 5 + [2] * 2
+    split = stratified_split(labels, 0.2, seed=3)
+    assert split == stratified_split(labels, 0.2, seed=3)
+    for cls, n_val in ((0, 2), (1, 1), (2, 1)):
+        assert [s for s, y in zip(split, labels) if y == cls].count("val") == n_val

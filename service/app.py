@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -10,23 +12,47 @@ from service.db import Database
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.predictor import ModelCache
-from service.routers import backbones, datasets, health, jobs, models
+from service.queue import JobQueue
+from service.routers import backbones, datasets, health, jobs, models, workers
 from service.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    app = FastAPI(title="Graft", version="0.1.0",
+    app = FastAPI(title="Graft", version="0.1.0", lifespan=_lifespan,
                   description="Transfer learning on images as a service: upload labeled photos, "
                               "train a classifier on a pretrained backbone, predict over HTTP.")
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs_dir)
     app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_size)
+    app.state.queue = JobQueue(app.state.db, stale_after_s=settings.stale_after_s,
+                               retry_backoff_s=settings.retry_backoff_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    for router in (health.router, backbones.router, datasets.router, jobs.router, models.router):
+    for router in (health.router, backbones.router, datasets.router, jobs.router, models.router,
+                   workers.router):
         app.include_router(router)
     logging.getLogger("graft").setLevel(logging.INFO)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    stop = threading.Event()
+    if app.state.settings.reaper_in_api:
+        threading.Thread(target=_reap_stalled_jobs, args=(app, stop), name="reaper", daemon=True).start()
+    yield
+    stop.set()
+
+
+def _reap_stalled_jobs(app: FastAPI, stop: threading.Event) -> None:
+    """Re-queue jobs whose worker died, even when no other worker is left to notice."""
+    log = logging.getLogger("graft.reaper")
+    while not stop.wait(app.state.settings.heartbeat_interval_s):
+        try:
+            for job_id in app.state.queue.requeue_stale():
+                log.warning("re-queued stalled job %s", job_id, extra={"action": "requeue_stale"})
+        except Exception:
+            log.warning("reaper pass failed", exc_info=True, extra={"action": "requeue_stale"})

@@ -3,22 +3,27 @@
 A job is a row. Workers claim atomically (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the whole
 database is locked for the claiming transaction, so the status='queued' re-check cannot pass for
 two workers). Each claim gets a fresh lease token, and every later write by a worker is
-conditional on still holding it, so a worker that lost its lease changes nothing.
+conditional on still holding it, so a worker that lost its lease changes nothing. Each change
+of state also appends a `job_event` row in the same transaction, so the event log and the job
+never disagree.
 """
 from __future__ import annotations
 
 import random
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Callable
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
 
 from service.db import Database, utcnow
-from service.tables import Job, Model, new_id
+from service.tables import Job, JobEvent, Model, WorkerRecord, new_id
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+MAX_BACKOFF_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -28,21 +33,31 @@ class Claim:
     dataset_id: str
     config: dict
     attempt: int
+    checkpoint_epoch: int | None = None
+    checkpoint_file: str | None = None
+
+
+def add_event(session: Session, job_id: str, kind: str, **data) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
 
 
 class JobQueue:
-    def __init__(self, db: Database, *, stale_after_s: float, retry_backoff_s: float = 2.0):
+    def __init__(self, db: Database, *, stale_after_s: float, retry_backoff_s: float = 2.0,
+                 clock: Callable[[], datetime] = utcnow):
         self.db = db
         self.stale_after_s = stale_after_s
         self.retry_backoff_s = retry_backoff_s
+        self.now = clock  # injectable so tests can check backoff without sleeping
 
     # -- API side ---------------------------------------------------------------------------
     @staticmethod
-    def enqueue(session, *, dataset_id: str, config: dict, max_attempts: int, priority: int = 0) -> Job:
+    def enqueue(session, *, dataset_id: str, config: dict, max_attempts: int, priority: int = 0,
+                requires_gpu: bool = False) -> Job:
         job = Job(dataset_id=dataset_id, config=config, priority=priority, max_attempts=max_attempts,
-                  progress={})
+                  requires_gpu=requires_gpu, progress={}, attempt_history=[])
         session.add(job)
         session.flush()
+        add_event(session, job.id, "status", status=QUEUED)
         return job
 
     @staticmethod
@@ -52,19 +67,33 @@ class JobQueue:
         # job since the caller loaded it, and writing status from a stale read would overwrite
         # that (a running or succeeded job, model published, shown as cancelled).
         session.refresh(job, with_for_update=True)
-        now = utcnow()
         if job.status == QUEUED:
-            job.status, job.finished_at = CANCELLED, now
-        elif job.status == RUNNING:
+            job.status, job.finished_at = CANCELLED, utcnow()
+            add_event(session, job.id, "status", status=CANCELLED)
+        elif job.status == RUNNING and not job.cancel_requested:
             job.cancel_requested = True
+            add_event(session, job.id, "cancel_requested")
+
+    @staticmethod
+    def events(session, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+                                    .order_by(JobEvent.id).limit(limit)))
+
+    def live_workers(self, session) -> list[WorkerRecord]:
+        fresh = self.now() - timedelta(seconds=self.stale_after_s)
+        return list(session.scalars(select(WorkerRecord).where(WorkerRecord.stopped_at.is_(None),
+                                                               WorkerRecord.heartbeat_at >= fresh)
+                                    .order_by(WorkerRecord.started_at)))
 
     # -- worker side ------------------------------------------------------------------------
-    def claim(self, worker_id: str) -> Claim | None:
-        now = utcnow()
+    def claim(self, worker_id: str, *, has_gpu: bool = False) -> Claim | None:
+        now = self.now()
         token = secrets.token_hex(16)
+        ready = [Job.status == QUEUED, Job.run_after <= now]
+        if not has_gpu:
+            ready.append(Job.requires_gpu.is_(False))
         oldest_ready = (
-            select(Job.id)
-            .where(Job.status == QUEUED, Job.run_after <= now)
+            select(Job.id).where(*ready)
             .order_by(Job.priority, Job.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -74,16 +103,18 @@ class JobQueue:
             update(Job)
             .where(Job.id == oldest_ready, Job.status == QUEUED)
             .values(status=RUNNING, worker_id=worker_id, lease_token=token, heartbeat_at=now,
-                    started_at=now, attempts=Job.attempts + 1)
-            .returning(Job.id, Job.dataset_id, Job.config, Job.attempts)
+                    started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
+            .returning(Job.id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch, Job.checkpoint_file)
             .execution_options(synchronize_session=False)
         )
         with self.db.session() as s:
             row = s.execute(stmt).first()
-        if row is None:
-            return None
-        return Claim(job_id=row.id, lease_token=token, dataset_id=row.dataset_id,
-                     config=row.config, attempt=row.attempts)
+            if row is None:
+                return None
+            add_event(s, row.id, "status", status=RUNNING, attempt=row.attempts, worker_id=worker_id)
+        return Claim(job_id=row.id, lease_token=token, dataset_id=row.dataset_id, config=row.config,
+                     attempt=row.attempts, checkpoint_epoch=row.checkpoint_epoch,
+                     checkpoint_file=row.checkpoint_file)
 
     def _leased(self, claim: Claim):
         return and_(Job.id == claim.job_id, Job.lease_token == claim.lease_token, Job.status == RUNNING)
@@ -92,18 +123,45 @@ class JobQueue:
         """Renew the lease. Returns "ok", "cancel" (the user asked to stop) or "lost"."""
         with self.db.session() as s:
             row = s.execute(
-                update(Job).where(self._leased(claim)).values(heartbeat_at=utcnow())
+                update(Job).where(self._leased(claim)).values(heartbeat_at=self.now())
                 .returning(Job.cancel_requested).execution_options(synchronize_session=False)
             ).first()
         if row is None:
             return "lost"
         return "cancel" if row.cancel_requested else "ok"
 
-    def report_progress(self, claim: Claim, progress: dict) -> bool:
+    def lease_state(self, claim: Claim) -> str:
+        """Like heartbeat, read-only: cheap enough to ask every second for a prompt cancel."""
+        with self.db.session() as s:
+            row = s.execute(select(Job.cancel_requested).where(self._leased(claim))).first()
+        if row is None:
+            return "lost"
+        return "cancel" if row.cancel_requested else "ok"
+
+    def report_progress(self, claim: Claim, progress: dict, event: dict | None = None) -> bool:
+        """Store the job's progress; `event` (e.g. an epoch's metrics) is logged with it."""
         with self.db.session() as s:
             res = s.execute(update(Job).where(self._leased(claim)).values(progress=progress)
                             .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            if event is not None:
+                add_event(s, claim.job_id, event.pop("kind", "epoch"), **event)
+        return True
+
+    def record_checkpoint(self, claim: Claim, epoch: int, file: str) -> bool:
+        """Point the job at a checkpoint file written under this lease (a stale holder's files
+        are never pointed at, so they can never be resumed from)."""
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(checkpoint_epoch=epoch, checkpoint_file=file)
+                            .execution_options(synchronize_session=False))
         return res.rowcount == 1
+
+    def warn(self, claim: Claim, message: str) -> None:
+        with self.db.session() as s:
+            if s.execute(select(Job.id).where(self._leased(claim))).first():
+                add_event(s, claim.job_id, "warning", message=message)
 
     def publish(self, claim: Claim, model: Model) -> bool:
         """Insert the model row and mark the job succeeded in one transaction, only under lease."""
@@ -111,17 +169,25 @@ class JobQueue:
         with self.db.session() as s:
             res = s.execute(
                 update(Job).where(self._leased(claim))
-                .values(status=SUCCEEDED, finished_at=utcnow(), model_id=model.id, lease_token=None,
+                .values(status=SUCCEEDED, finished_at=self.now(), model_id=model.id, lease_token=None,
                         error_code=None, error_message=None)
                 .execution_options(synchronize_session=False)
             )
             if res.rowcount != 1:
                 return False  # lease lost: the update matched nothing, so nothing changes
             s.add(model)
+            add_event(s, claim.job_id, "status", status=SUCCEEDED, model_id=model.id)
         return True
 
     def finish_cancelled(self, claim: Claim) -> bool:
-        return self._finish(claim, CANCELLED, None, None)
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(status=CANCELLED, finished_at=self.now(), lease_token=None)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=CANCELLED)
+        return True
 
     def fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> str:
         """Record an error; retryable errors go back to the queue with backoff until attempts run out.
@@ -129,62 +195,78 @@ class JobQueue:
         Returns the job's new status, or "lost" when the lease was no longer held.
         """
         with self.db.session() as s:
-            job = s.execute(select(Job.attempts, Job.max_attempts).where(self._leased(claim))).first()
+            job = s.scalars(select(Job).where(self._leased(claim)).with_for_update()).first()
             if job is None:
                 return "lost"
-            if retryable and job.attempts < job.max_attempts:
-                values = dict(status=QUEUED, run_after=utcnow() + self._backoff(job.attempts))
-            else:
-                values = dict(status=FAILED, finished_at=utcnow())
-            s.execute(update(Job).where(self._leased(claim))
-                      .values(**values, lease_token=None, worker_id=None, error_code=code,
-                              error_message=message)
-                      .execution_options(synchronize_session=False))
-        return values["status"]
+            return self._end_attempt(s, job, code, message, retryable=retryable)
+
+    def _end_attempt(self, s: Session, job: Job, code: str, message: str, *, retryable: bool) -> str:
+        now = self.now()
+        job.attempt_history = [*job.attempt_history, {
+            "attempt": job.attempts, "worker_id": job.worker_id,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "ended_at": now.isoformat(), "error_code": code, "error_message": message}]
+        job.error_code, job.error_message = code, message
+        job.lease_token, job.worker_id = None, None
+        if retryable and job.attempts < job.max_attempts:
+            job.status, job.run_after = QUEUED, now + self._backoff(job.attempts)
+            add_event(s, job.id, "status", status=QUEUED, retry_at=job.run_after.isoformat(),
+                      error_code=code, error_message=message)
+        else:
+            job.status, job.finished_at = FAILED, now
+            add_event(s, job.id, "status", status=FAILED, error_code=code, error_message=message)
+        return job.status
 
     def release(self, claim: Claim) -> bool:
         """Give an unfinished job back to the queue (graceful shutdown); the attempt is not counted."""
         with self.db.session() as s:
             res = s.execute(update(Job).where(self._leased(claim))
                             .values(status=QUEUED, lease_token=None, worker_id=None,
-                                    attempts=Job.attempts - 1)
+                                    attempts=Job.attempts - 1, run_after=self.now())
                             .execution_options(synchronize_session=False))
-        return res.rowcount == 1
-
-    def _finish(self, claim: Claim, status: str, code: str | None, message: str | None) -> bool:
-        with self.db.session() as s:
-            res = s.execute(update(Job).where(self._leased(claim))
-                            .values(status=status, finished_at=utcnow(), lease_token=None,
-                                    error_code=code, error_message=message)
-                            .execution_options(synchronize_session=False))
-        return res.rowcount == 1
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=QUEUED, reason="worker shut down; handed back")
+        return True
 
     def requeue_stale(self) -> list[str]:
-        """Re-queue running jobs whose worker went silent; fail those out of attempts, and finish
-        as cancelled those the user had asked to stop (they must not run again)."""
-        now = utcnow()
-        silent = and_(Job.status == RUNNING, Job.heartbeat_at < now - timedelta(seconds=self.stale_after_s))
-        lost = "the worker running this job stopped responding"
+        """Re-queue running jobs whose worker went silent (with backoff), fail those out of
+        attempts, and finish as cancelled those the user had asked to stop."""
+        now = self.now()
+        cutoff = now - timedelta(seconds=self.stale_after_s)
+        silent = and_(Job.status == RUNNING, Job.heartbeat_at < cutoff)
         with self.db.session() as s:
-            cancelled = s.execute(
-                update(Job).where(silent, Job.cancel_requested.is_(True))
-                .values(status=CANCELLED, finished_at=now, lease_token=None, worker_id=None)
-                .returning(Job.id).execution_options(synchronize_session=False)
-            ).scalars().all()
-            failed = s.execute(
-                update(Job).where(silent, Job.attempts >= Job.max_attempts)
-                .values(status=FAILED, finished_at=now, lease_token=None, worker_id=None,
-                        error_code="worker_lost", error_message=lost + "; no attempts left")
-                .returning(Job.id).execution_options(synchronize_session=False)
-            ).scalars().all()
-            requeued = s.execute(
-                update(Job).where(silent)
-                .values(status=QUEUED, lease_token=None, worker_id=None, run_after=now,
-                        error_code="worker_lost", error_message=lost + "; re-queued")
-                .returning(Job.id).execution_options(synchronize_session=False)
-            ).scalars().all()
-        return list(requeued) + list(failed) + list(cancelled)
+            jobs = s.scalars(select(Job).where(silent).with_for_update(skip_locked=True)).all()
+            for job in jobs:
+                if job.cancel_requested:
+                    job.status, job.finished_at, job.lease_token, job.worker_id = CANCELLED, now, None, None
+                    add_event(s, job.id, "status", status=CANCELLED, reason="worker lost while cancelling")
+                else:
+                    self._end_attempt(s, job, "worker_lost", "the worker running this job stopped "
+                                      "responding (crashed, killed or cut off)", retryable=True)
+        return [j.id for j in jobs]
 
     def _backoff(self, attempts: int) -> timedelta:
-        base = self.retry_backoff_s * 2 ** max(0, attempts - 1)
-        return timedelta(seconds=min(base, 300.0) * random.uniform(0.5, 1.0))
+        """Exponential backoff with full jitter in [base/2, base]."""
+        base = min(self.retry_backoff_s * 2 ** max(0, attempts - 1), MAX_BACKOFF_S)
+        return timedelta(seconds=base * random.uniform(0.5, 1.0))
+
+    # -- worker registry --------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, device: str) -> None:
+        with self.db.session() as s:
+            s.merge(WorkerRecord(id=worker_id, host=host, pid=pid, device=device, started_at=self.now(),
+                                 heartbeat_at=self.now(), current_job_id=None, stopped_at=None))
+
+    def worker_alive(self, worker_id: str, current_job_id: str | None) -> None:
+        with self.db.session() as s:
+            s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id)
+                      .values(heartbeat_at=self.now(), current_job_id=current_job_id))
+
+    def worker_stopped(self, worker_id: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id)
+                      .values(stopped_at=self.now(), current_job_id=None))
+            # Forget workers that stopped long ago so the table stays small.
+            s.execute(delete(WorkerRecord).where(or_(
+                WorkerRecord.stopped_at < self.now() - timedelta(days=1),
+                WorkerRecord.heartbeat_at < self.now() - timedelta(days=7))))

@@ -45,6 +45,7 @@ class JobCreate(TrainConfig):
 
     dataset_id: str = Field(min_length=1, max_length=64)
     priority: int = Field(0, ge=-100, le=100, description="lower runs first")
+    device: Literal["any", "gpu"] = Field("any", description="gpu: only a GPU worker may run it")
 
 
 class JobError(BaseModel):
@@ -66,6 +67,9 @@ class JobOut(Out):
     model_id: str | None
     error: JobError | None = None
     cancel_requested: bool
+    requires_gpu: bool
+    attempt_history: list[dict]
+    checkpoint_epoch: int | None = Field(None, description="last epoch checkpointed; a retry resumes after it")
 
     @classmethod
     def of(cls, job) -> "JobOut":
@@ -101,3 +105,20 @@ class PredictResult(BaseModel):
 class PredictResponse(BaseModel):
     model_id: str
     results: list[PredictResult]
+
+
+class JobEventOut(Out):
+    id: int
+    kind: str
+    data: dict
+    created_at: datetime
+
+
+class WorkerOut(Out):
+    id: str
+    host: str
+    pid: int
+    device: str
+    started_at: datetime
+    heartbeat_at: datetime
+    current_job_id: str | None

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     stale_after_heartbeats: int = Field(3, ge=2)  # a job silent this many intervals is re-queued
     max_attempts: int = Field(3, ge=1)
     retry_backoff_s: float = Field(2.0, ge=0)
+    cancel_poll_s: float = Field(1.0, gt=0, description="how often a running job checks for cancel")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time to finish the job "
+                                    "before it is checkpointed and handed back")
+    worker_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                               description="auto = the first GPU if there is one, else CPU")
+    reaper_in_api: bool = Field(True, description="the API process also re-queues stalled jobs")
 
     # Uploads
     max_upload_bytes: int = 2 * 1024**3

@@ -68,6 +68,37 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     model_id: Mapped[str | None] = mapped_column(String(32))
+    requires_gpu: Mapped[bool] = mapped_column(Boolean, default=False)  # only GPU workers claim it
+    attempt_history: Mapped[list] = mapped_column(JSON, default=list)  # one entry per ended attempt
+    checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)  # last epoch saved under the lease
+    checkpoint_file: Mapped[str | None] = mapped_column(String(1024))  # relative to the data dir
+
+
+class JobEvent(Base):
+    """The job's log: state changes, per-epoch metrics, warnings. Streamed to users as SSE."""
+
+    __tablename__ = "job_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # status | epoch | warning
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+class WorkerRecord(Base):
+    """A worker process as it last reported itself; live while its heartbeat is fresh."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    current_job_id: Mapped[str | None] = mapped_column(String(32))
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Model(Base):

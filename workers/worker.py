@@ -27,16 +27,36 @@ from workers.training import pick_device, train
 log = logging.getLogger("graft.worker")
 
 
+def resolve_device(setting: str) -> torch.device:
+    """`auto`: the first GPU if any, else CPU; `cuda:N` must exist, or the worker refuses to start."""
+    if setting == "auto":
+        return pick_device()
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise SystemExit(f"device {setting} is not available on this machine "
+                             f"({torch.cuda.device_count()} GPU(s) visible)")
+        torch.cuda.set_device(device)
+    return device
+
+
 class LeaseControl:
-    """Keeps the lease alive from a background thread and tells the training loop when to stop."""
+    """Keeps the lease alive from a background thread and tells the training loop when to stop.
+
+    The thread checks for a cancel every `cancel_poll_s` (a cheap read) and renews the lease every
+    heartbeat interval; on shutdown the job may run on for the grace period, then stops at its
+    next step so it can be handed back.
+    """
 
     PROGRESS_EVERY_S = 1.0
 
-    def __init__(self, queue: JobQueue, claim: Claim, interval_s: float, shutdown: threading.Event):
-        self.queue, self.claim, self.interval_s, self.shutdown = queue, claim, interval_s, shutdown
+    def __init__(self, worker: "Worker", claim: Claim):
+        self.worker, self.queue, self.claim = worker, worker.queue, claim
+        self.settings = worker.settings
         self.stop_reason: str | None = None
         self._progress: dict = {}
         self._last_write = 0.0
+        self._train_started: float | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
@@ -49,9 +69,16 @@ class LeaseControl:
         self._thread.join()
 
     def _beat(self) -> None:
-        while not self._done.wait(self.interval_s):
+        poll = min(self.settings.cancel_poll_s, self.settings.heartbeat_interval_s)
+        last_beat = time.monotonic()
+        while not self._done.wait(poll):
             try:
-                state = self.queue.heartbeat(self.claim)
+                if time.monotonic() - last_beat >= self.settings.heartbeat_interval_s:
+                    last_beat = time.monotonic()
+                    state = self.queue.heartbeat(self.claim)
+                    self.queue.worker_alive(self.worker.worker_id, self.claim.job_id)
+                else:
+                    state = self.queue.lease_state(self.claim)
             except Exception:  # a database blip: keep trying until the lease runs out
                 log.warning("heartbeat failed", exc_info=True, extra={"action": "heartbeat"})
                 continue
@@ -61,17 +88,39 @@ class LeaseControl:
     def checkpoint(self) -> None:
         if self.stop_reason:
             raise StopJob(self.stop_reason)
-        if self.shutdown.is_set():
+        if self.worker.drain_deadline is not None and time.monotonic() >= self.worker.drain_deadline:
             raise StopJob("shutdown")
 
     def progress(self, update: dict) -> None:
         new_phase = update.get("phase") != self._progress.get("phase")
         self._progress = {**self._progress, **update}
+        self._add_rates()
+        epoch_end = "val_accuracy" in update
         now = time.monotonic()
-        if new_phase or "val_accuracy" in update or now - self._last_write >= self.PROGRESS_EVERY_S:
+        if new_phase or epoch_end or now - self._last_write >= self.PROGRESS_EVERY_S:
             self._last_write = now
-            if not self.queue.report_progress(self.claim, self._progress):
+            event = ({"kind": "epoch", **{k: update[k] for k in ("epoch", "epochs", "train_loss", "val_loss",
+                                                                  "val_accuracy") if k in update}}
+                     if epoch_end else None)
+            if not self.queue.report_progress(self.claim, self._progress, event):
                 self.stop_reason = self.stop_reason or "lost"
+
+    def _add_rates(self) -> None:
+        """images/s and ETA from how far through the epochs*steps the job is."""
+        p = self._progress
+        if p.get("phase") != "training" or not p.get("epochs"):
+            return
+        if self._train_started is None:
+            self._train_started = time.monotonic()
+            return
+        steps = p.get("steps") or 1
+        done = (p.get("epoch", 1) - 1) * steps + p.get("step", steps)
+        total = p["epochs"] * steps
+        elapsed = time.monotonic() - self._train_started
+        if done > 0 and elapsed > 0:
+            p["eta_s"] = round(elapsed / done * max(0, total - done), 1)
+            if "steps" in p:  # per-step progress: fine-tuning loops
+                p["images_per_s"] = round(done * self.claim.config.get("batch_size", 1) / elapsed, 1)
 
 
 class Worker:
@@ -82,34 +131,49 @@ class Worker:
         self.queue = JobQueue(self.db, stale_after_s=settings.stale_after_s,
                               retry_backoff_s=settings.retry_backoff_s)
         self.blobs = BlobStore(settings.blobs_dir)
-        self.device = pick_device()
+        self.device = resolve_device(settings.worker_device)
         self.shutdown = threading.Event()
+        self.drain_deadline: float | None = None  # set on SIGTERM: when the current job must stop
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.shutdown.set())
+            signal.signal(sig, lambda *_: self.request_shutdown())
+
+    def request_shutdown(self) -> None:
+        """First call: stop claiming and let the current job run for the grace period. Second: stop now."""
+        if self.shutdown.is_set():
+            self.drain_deadline = time.monotonic()
+        else:
+            self.drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
+            self.shutdown.set()
 
     def run(self, max_jobs: int | None = None) -> None:
+        self.queue.register_worker(self.worker_id, socket.gethostname(), os.getpid(), str(self.device))
         log.info("worker %s started on %s", self.worker_id, self.device, extra={"action": "worker_start"})
         done, last_reap = 0, 0.0
-        while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
-            if time.monotonic() - last_reap >= self.settings.heartbeat_interval_s:
-                last_reap = time.monotonic()
-                for job_id in self.queue.requeue_stale():
-                    log.warning("re-queued stalled job %s", job_id, extra={"action": "requeue_stale"})
-            claim = self.queue.claim(self.worker_id)
-            if claim is None:
-                self.shutdown.wait(self.settings.poll_interval_s)
-                continue
-            self.run_job(claim)
-            done += 1
-        self.db.dispose()
+        try:
+            while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
+                if time.monotonic() - last_reap >= self.settings.heartbeat_interval_s:
+                    last_reap = time.monotonic()
+                    self.queue.worker_alive(self.worker_id, None)
+                    for job_id in self.queue.requeue_stale():
+                        log.warning("re-queued stalled job %s", job_id, extra={"action": "requeue_stale"})
+                claim = self.queue.claim(self.worker_id, has_gpu=self.device.type == "cuda")
+                if claim is None:
+                    self.shutdown.wait(self.settings.poll_interval_s)
+                    continue
+                self.run_job(claim)
+                done += 1
+        finally:
+            self.queue.worker_stopped(self.worker_id)
+            self.db.dispose()
+            log.info("worker %s stopped", self.worker_id, extra={"action": "worker_stop"})
 
     def run_job(self, claim: Claim) -> None:
         log.info("running job %s (attempt %d)", claim.job_id, claim.attempt, extra={"action": "job_start"})
-        with LeaseControl(self.queue, claim, self.settings.heartbeat_interval_s, self.shutdown) as control:
+        with LeaseControl(self, claim) as control:
             try:
                 self._train_and_publish(claim, control)
             except StopJob as stop:
@@ -122,6 +186,9 @@ class Worker:
             except Exception as exc:
                 log.exception("job %s crashed", claim.job_id, extra={"action": "job_error"})
                 self.queue.fail(claim, "internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # a cancelled or failed job leaves the GPU free
 
     def _stopped(self, claim: Claim, reason: str) -> None:
         if reason == "cancel":

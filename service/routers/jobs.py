@@ -1,13 +1,17 @@
-from typing import Annotated
+import json
+import time
+from typing import Annotated, Iterator
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from service.catalog import get_or_404
 from service.deps import SessionDep, SettingsDep
 from service.errors import Conflict
 from service.queue import TERMINAL, JobQueue
-from service.schemas import JobCreate, JobOut, JobStatus
+from service.db import Database
+from service.schemas import JobCreate, JobEventOut, JobOut, JobStatus
 from service.tables import Dataset, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -17,9 +21,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Queue a training job; the recipe's defaults are filled in and stored on the job."""
     get_or_404(session, Dataset, body.dataset_id, "dataset")
-    config = body.model_dump(exclude={"dataset_id", "priority"})
+    config = body.model_dump(exclude={"dataset_id", "priority", "device"})
     job = JobQueue.enqueue(session, dataset_id=body.dataset_id, config=config,
-                           max_attempts=settings.max_attempts, priority=body.priority)
+                           max_attempts=settings.max_attempts, priority=body.priority,
+                           requires_gpu=body.device == "gpu")
     return JobOut.of(job)
 
 
@@ -48,3 +53,47 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
     JobQueue.request_cancel(session, job)
     session.flush()
     return JobOut.of(job)
+
+
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+SSE_MAX_S = 3600.0  # then the client reconnects with Last-Event-ID
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventOut],
+            responses={200: {"content": {"text/event-stream": {}}}})
+def job_events(job_id: str, request: Request, session: SessionDep,
+               after_id: Annotated[int, Query(ge=0, description="only events after this id")] = 0,
+               accept: Annotated[str, Header()] = "application/json",
+               last_event_id: Annotated[int | None, Header(ge=0)] = None):
+    """The job's event log (state changes, per-epoch metrics, warnings), oldest first.
+
+    With `Accept: text/event-stream` it is a Server-Sent Events stream that follows the job live
+    and closes once the job has ended and every event was sent.
+    """
+    get_or_404(session, Job, job_id, "job")
+    if "text/event-stream" not in accept:
+        return [JobEventOut.model_validate(e) for e in JobQueue.events(session, job_id, after_id)]
+    start = last_event_id if last_event_id is not None else after_id
+    # The stream opens its own short transactions: the request's session would stay open for
+    # the whole stream and, on SQLite, hold the write lock.
+    return StreamingResponse(_event_stream(request.app.state.db, job_id, start), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event_stream(db: Database, job_id: str, after_id: int) -> Iterator[str]:
+    started = last_sent = time.monotonic()
+    while time.monotonic() - started < SSE_MAX_S:
+        with db.session() as s:
+            events = [JobEventOut.model_validate(e) for e in JobQueue.events(s, job_id, after_id)]
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+        for e in events:
+            after_id = e.id
+            yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps({**e.data, 'created_at': e.created_at.isoformat()})}\n\n"
+            last_sent = time.monotonic()
+        if status in TERMINAL and not events:
+            return
+        if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        time.sleep(SSE_POLL_S)

@@ -93,10 +93,11 @@ WORKDIR /home/graft
 VOLUME ["/data"]
 EXPOSE 8000
 
-# For the API (`graft serve`); /healthz also checks the database. A `graft worker` container
-# serves no HTTP: disable this there (docker-compose.yml does; `docker run --no-healthcheck`).
+# For the API (`graft serve`): /readyz answers 200 only while the database is reachable and
+# migrated and the artifact store (/data) takes writes. A `graft worker` container serves no
+# HTTP: disable this there (docker-compose.yml does; `docker run --no-healthcheck`).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('GRAFT_PORT', '8000'), timeout=4)"]
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('GRAFT_PORT', '8000'), timeout=4)"]
 
 # Default: API + GRAFT_WORKERS (default 1) worker child processes, migrating the database first.
 CMD ["graft", "serve"]

@@ -57,7 +57,7 @@ def own_server(workers: int):
             except httpx.TransportError:
                 time.sleep(0.2)
         time.sleep(3)  # let the worker finish importing torch before the clock starts
-        yield url
+        yield url, Path(data_dir)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -122,7 +122,7 @@ def main() -> None:
     if args.url:
         result = run(args.url, args.dataset, args.strategy, extra, args.latency_requests)
     else:
-        with own_server(workers=1) as url:
+        with own_server(workers=1) as (url, _):
             result = run(url, args.dataset, args.strategy, extra, args.latency_requests)
     print(json.dumps(result, indent=2))
 

@@ -7,13 +7,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.auth import RateLimiter
 from service.blobs import BlobStore
 from service.db import Database
 from service.errors import install_error_handlers
+from service.exports import Exporter
 from service.limits import BodySizeLimit
+from service.openapi import install_problem_docs
+from service.observability import install_observability
 from service.predictor import ModelCache
 from service.queue import JobQueue
-from service.routers import backbones, datasets, health, jobs, models, workers
+from service.routers import backbones, datasets, health, jobs, models, projects, workers
+from service.routers import export as export_router
+from service.routers.dashboard import install_dashboard
 from service.settings import Settings, get_settings
 
 
@@ -27,12 +33,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs_dir)
     app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_size)
+    app.state.rate_limiter = RateLimiter()
     app.state.queue = JobQueue(app.state.db, stale_after_s=settings.stale_after_s,
                                retry_backoff_s=settings.retry_backoff_s)
     install_error_handlers(app)
+    install_problem_docs(app)  # every 4xx in the OpenAPI document is problem+json
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.state.exporter = Exporter(settings.data_dir)
+    install_observability(app)  # after BodySizeLimit: outermost, so even a 413 carries a request id
+    app.include_router(export_router.router)
+    install_dashboard(app)
     for router in (health.router, backbones.router, datasets.router, jobs.router, models.router,
-                   workers.router):
+                   workers.router, projects.router):
         app.include_router(router)
     logging.getLogger("graft").setLevel(logging.INFO)
     return app

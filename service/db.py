@@ -48,9 +48,11 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling issues BEGIN lazily and breaks RETURNING-based
-        # claims under concurrency; take control so every transaction starts BEGIN IMMEDIATE
-        # (one writer at a time, never a lock upgrade that deadlocks).
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # claims under concurrency; take control so every writing transaction starts BEGIN
+        # IMMEDIATE (one writer at a time, never a lock upgrade that deadlocks). Read-only ones
+        # start a plain BEGIN: under WAL they read a snapshot and neither wait for nor block writers.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(
+            "BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE"))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -74,15 +76,16 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(readonly=True), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on error."""
-        with self._sessions() as session, session.begin():
+    def session(self, readonly: bool = False) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error. `readonly` ones must not write."""
+        with (self._read_sessions if readonly else self._sessions)() as session, session.begin():
             yield session
 
     def dispose(self) -> None:

@@ -19,10 +19,26 @@ class GraftError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, **extra):
+    headers: dict[str, str] = {}
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+        self.headers = headers or self.headers
+
+
+class Unauthorized(GraftError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GraftError):
+    status, code = 403, "forbidden"
+
+
+class TooManyRequests(GraftError):
+    status, code = 429, "too_many_requests"
 
 
 class NotFound(GraftError):
@@ -45,16 +61,16 @@ class PayloadTooLarge(GraftError):
     status, code = 413, "payload_too_large"
 
 
-def problem(status: int, detail: str, code: str, **extra) -> JSONResponse:
+def problem(status: int, detail: str, code: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
     body = {"type": f"https://graft.dev/problems/{code}", "title": HTTPStatus(status).phrase,
             "status": status, "detail": detail, "code": code, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GraftError)
     async def _graft(_: Request, exc: GraftError):
-        return problem(exc.status, exc.detail, exc.code, **exc.extra)
+        return problem(exc.status, exc.detail, exc.code, headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

@@ -40,7 +40,11 @@ class ModelCache:
 
 
 def predict(model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> list[dict]:
-    """Probabilities over all classes for each file, in upload order, top_k sorted by score."""
+    """Calibrated probabilities for each file, in upload order, top_k sorted by score.
+
+    The model's temperature (fitted on val after training) and mirror averaging (tta_flip) come
+    from its manifest, so /predict scores are the ones its ECE was measured on.
+    """
     pre = model.preprocessing
     squares = []
     for name, data in files:
@@ -49,8 +53,7 @@ def predict(model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> l
         except ImageRejected as exc:
             raise InvalidInput(f"file {name!r} is not a usable image: {exc}", filename=name) from None
     x = normalize(eval_crop(torch.stack(squares), pre), pre)
-    with torch.inference_mode():
-        probs = torch.softmax(model.classifier(x).float(), dim=1)
+    probs = model.classifier.predict_proba(x)
     k = min(top_k, len(model.classes))
     scores, indices = probs.topk(k, dim=1)
     return [

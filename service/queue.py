@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Database, utcnow
-from service.tables import Job, JobEvent, Model, WorkerRecord, new_id
+from service.tables import DEFAULT_PROJECT_ID, Job, JobEvent, Model, WorkerRecord, new_id
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -33,6 +33,7 @@ class Claim:
     dataset_id: str
     config: dict
     attempt: int
+    project_id: str = DEFAULT_PROJECT_ID
     checkpoint_epoch: int | None = None
     checkpoint_file: str | None = None
 
@@ -52,8 +53,8 @@ class JobQueue:
     # -- API side ---------------------------------------------------------------------------
     @staticmethod
     def enqueue(session, *, dataset_id: str, config: dict, max_attempts: int, priority: int = 0,
-                requires_gpu: bool = False) -> Job:
-        job = Job(dataset_id=dataset_id, config=config, priority=priority, max_attempts=max_attempts,
+                requires_gpu: bool = False, project_id: str = DEFAULT_PROJECT_ID) -> Job:
+        job = Job(project_id=project_id, dataset_id=dataset_id, config=config, priority=priority, max_attempts=max_attempts,
                   requires_gpu=requires_gpu, progress={}, attempt_history=[])
         session.add(job)
         session.flush()
@@ -104,7 +105,8 @@ class JobQueue:
             .where(Job.id == oldest_ready, Job.status == QUEUED)
             .values(status=RUNNING, worker_id=worker_id, lease_token=token, heartbeat_at=now,
                     started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
-            .returning(Job.id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch, Job.checkpoint_file)
+            .returning(Job.id, Job.project_id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch,
+                       Job.checkpoint_file)
             .execution_options(synchronize_session=False)
         )
         with self.db.session() as s:
@@ -112,7 +114,8 @@ class JobQueue:
             if row is None:
                 return None
             add_event(s, row.id, "status", status=RUNNING, attempt=row.attempts, worker_id=worker_id)
-        return Claim(job_id=row.id, lease_token=token, dataset_id=row.dataset_id, config=row.config,
+        return Claim(job_id=row.id, lease_token=token, project_id=row.project_id, dataset_id=row.dataset_id,
+                     config=row.config,
                      attempt=row.attempts, checkpoint_epoch=row.checkpoint_epoch,
                      checkpoint_file=row.checkpoint_file)
 

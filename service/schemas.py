@@ -28,16 +28,101 @@ class BackboneOut(Out):
     weights_path: str
 
 
+class ImageRef(BaseModel):
+    id: str = Field(description="the image's id in the dataset: the sha256 of its bytes")
+    path: str = Field(description="the name it was uploaded under (cleaned; metadata only)")
+    label: str
+    split: str | None
+
+
+class LeakagePair(BaseModel):
+    train: ImageRef
+    val: ImageRef
+    distance: int = Field(description="perceptual-hash distance in bits (0 = looks identical)")
+
+
+class NearDuplicatePair(BaseModel):
+    a: ImageRef
+    b: ImageRef
+    distance: int
+
+
+class DuplicateGroup(BaseModel):
+    label: str
+    kept: str
+    dropped: list[str]
+
+
+class LabelConflict(BaseModel):
+    sha256: str
+    labels: list[str]
+    paths: list[str]
+
+
+class Spread(BaseModel):
+    min: int
+    median: float
+    max: int
+
+
+class ImageStats(BaseModel):
+    width: Spread | None
+    height: Spread | None
+    modes: dict[str, int] = Field(description="pixel modes as stored (RGB, L, CMYK, P, RGBA...)")
+    formats: dict[str, int]
+
+
+class DatasetReport(BaseModel):
+    """What is in a dataset, what was left out and why, and whether it can train."""
+
+    dataset_id: str
+    version: int
+    trainable: bool
+    problems: list[str] = Field(description="why the dataset cannot train; empty when it can")
+    warnings: list[str] = Field(description="things to fix for a better model")
+    num_images: int
+    classes: list[str]
+    class_counts: dict[str, int]
+    split_counts: dict[str, dict[str, int]]
+    has_val_split: bool
+    imbalance_ratio: float | None = Field(description="largest class size / smallest")
+    rejected: list[Rejection]
+    duplicates: list[DuplicateGroup] = Field(description="exact copies within a class, kept once")
+    conflicts: list[LabelConflict] = Field(description="the same bytes under several labels, left out")
+    leakage: list[LeakagePair] = Field(description="near-duplicates across train and val (first 100)")
+    leakage_count: int
+    near_duplicates: list[NearDuplicatePair] = Field(description="other near-duplicate pairs (first 100)")
+    near_duplicate_count: int
+    image_stats: ImageStats
+
+
 class DatasetOut(Out):
     id: str
     name: str
     created_at: datetime
+    version: int = Field(description="1 for an upload; +1 each time a dataset a job used is changed")
+    previous_version_id: str | None
+    next_version_id: str | None = Field(description="set once this version has a successor")
+    frozen: bool = Field(description="a job used this version; changes create a new version")
+    trainable: bool
     classes: list[str]
     class_counts: dict[str, int]
     split_counts: dict[str, dict[str, int]]
     num_images: int
     has_val_split: bool
     rejected: list[Rejection]
+    report: DatasetReport | None = None
+
+
+class DatasetImageOut(BaseModel):
+    id: str = Field(description="the sha256 of the image's bytes; use it to remove the image")
+    label: str
+    split: str | None
+    original_name: str
+    width: int
+    height: int
+    mode: str | None
+    format: str | None
 
 
 class JobCreate(TrainConfig):
@@ -70,6 +155,7 @@ class JobOut(Out):
     requires_gpu: bool
     attempt_history: list[dict]
     checkpoint_epoch: int | None = Field(None, description="last epoch checkpointed; a retry resumes after it")
+    dataset_version: int | None = Field(None, description="the version of the dataset the job trains on")
 
     @classmethod
     def of(cls, job) -> "JobOut":
@@ -90,6 +176,7 @@ class ModelOut(Out):
     recipe: dict
     sha256: str
     size_bytes: int
+    dataset_version: int | None = Field(None, description="the version of the dataset it was trained on")
 
 
 class Prediction(BaseModel):
@@ -122,3 +209,47 @@ class WorkerOut(Out):
     started_at: datetime
     heartbeat_at: datetime
     current_job_id: str | None
+
+
+QuotaName = Literal["max_concurrent_jobs", "max_datasets", "predict_rate_per_minute", "upload_rate_per_minute"]
+Scope = Literal["admin", "train", "predict"]
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    quotas: dict[QuotaName, int] = Field(default_factory=dict, description="overrides of the server defaults")
+
+
+class ProjectOut(Out):
+    id: str
+    name: str
+    created_at: datetime
+    quotas: dict[str, int]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    scope: Scope = Field(description="admin: projects and keys (and all below); train: datasets, jobs, "
+                                     "models (and predict); predict: predict only")
+
+
+class KeyOut(Out):
+    id: str
+    project_id: str
+    name: str
+    prefix: str
+    scope: Scope
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="shown once: store it now, Graft keeps only its SHA-256")
+
+
+class ProjectCreated(BaseModel):
+    project: ProjectOut
+    admin_key: KeyCreated

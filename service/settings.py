@@ -19,6 +19,15 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="worker processes `graft serve` starts")
     allow_downloads: bool = False
 
+    # API keys and quotas (service/auth.py). auth_required unset: open on a loopback address only.
+    auth_required: bool | None = None
+    allow_open_network: bool = Field(False, description="serve without keys on a non-loopback address")
+    max_concurrent_jobs: int = Field(8, ge=0, description="per project, queued + running; 0 = no limit")
+    max_datasets: int = Field(1000, ge=0, description="per project; 0 = no limit")
+    max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="per project, images; 0 = no limit")
+    predict_rate_per_minute: int = Field(1200, ge=0, description="per project; 0 = no limit")
+    upload_rate_per_minute: int = Field(60, ge=0, description="per project; 0 = no limit")
+
     # Job queue
     poll_interval_s: float = Field(0.5, gt=0)
     heartbeat_interval_s: float = Field(5.0, gt=0)
@@ -38,6 +47,12 @@ class Settings(BaseSettings):
     max_entry_bytes: int = 64 * 1024**2
     max_archive_bytes: int = 8 * 1024**3
     max_compression_ratio: float = 200.0
+    max_image_pixels: int = Field(89_478_485, ge=1, description="per image, checked from its header")
+    max_images_per_dataset: int = Field(20_000, ge=1)
+    max_classes: int = Field(1000, ge=2)
+    max_label_length: int = Field(100, ge=1, le=200)
+    min_images_per_class: int = Field(5, ge=2, description="fewer and the dataset cannot train")
+    recommended_images_per_class: int = Field(20, ge=2)
     max_predict_files: int = 64
 
     # Prediction

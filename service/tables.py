@@ -4,10 +4,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from service.db import Base, UTCDateTime, utcnow
+
+
+DEFAULT_PROJECT_ID = "default"  # owns what is created while Graft runs open (no API keys)
 
 
 def new_id() -> str:
@@ -18,6 +21,7 @@ class Dataset(Base):
     __tablename__ = "dataset"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(32), index=True, default=DEFAULT_PROJECT_ID)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     classes: Mapped[list] = mapped_column(JSON)  # sorted label names
@@ -26,6 +30,14 @@ class Dataset(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     has_val_split: Mapped[bool] = mapped_column(Boolean)
     rejected: Mapped[list] = mapped_column(JSON)  # [{"path", "reason"}]
+    # Versions: a dataset a job has used is frozen; a change to it creates a new dataset row (the
+    # next version) so jobs and models keep pointing at exactly the images they trained on.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    previous_version_id: Mapped[str | None] = mapped_column(String(32))
+    next_version_id: Mapped[str | None] = mapped_column(String(32), index=True, unique=True)
+    frozen: Mapped[bool] = mapped_column(Boolean, default=False)
+    trainable: Mapped[bool] = mapped_column(Boolean, default=True)
+    report: Mapped[dict] = mapped_column(JSON, default=dict)  # service.report.build_report
 
 
 class DatasetImage(Base):
@@ -41,6 +53,9 @@ class DatasetImage(Base):
     original_name: Mapped[str] = mapped_column(String(1024))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str | None] = mapped_column(String(16))  # as stored in the file, before RGB
+    format: Mapped[str | None] = mapped_column(String(16))
+    phash: Mapped[str | None] = mapped_column(String(16))  # perceptual hash, 16 hex digits
 
 
 class Job(Base):
@@ -50,6 +65,7 @@ class Job(Base):
     __table_args__ = (Index("ix_job_claim", "status", "priority", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(32), index=True, default=DEFAULT_PROJECT_ID)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id"), index=True)
     config: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="queued")
@@ -107,6 +123,7 @@ class Model(Base):
     __tablename__ = "model"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(32), index=True, default=DEFAULT_PROJECT_ID)
     job_id: Mapped[str] = mapped_column(ForeignKey("job.id"), unique=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -117,3 +134,38 @@ class Model(Base):
     artifact_dir: Mapped[str] = mapped_column(String(1024))  # relative to the data dir
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
+
+
+# The dataset version a job or model used: a dataset row never changes version, so this is read
+# through the dataset rather than copied (no migration of job or model needed).
+Job.dataset_version = column_property(
+    select(Dataset.version).where(Dataset.id == Job.dataset_id).correlate_except(Dataset).scalar_subquery())
+Model.dataset_version = column_property(
+    select(Dataset.version).where(Dataset.id == Model.dataset_id).correlate_except(Dataset).scalar_subquery())
+
+
+class Project(Base):
+    """Owns datasets, jobs and models; API keys belong to one project."""
+
+    __tablename__ = "project"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    quotas: Mapped[dict] = mapped_column(JSON, default=dict)  # overrides of the Settings defaults
+
+
+class ApiKey(Base):
+    """Only the key's SHA-256 is stored, with a short prefix to recognise it by."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))  # admin | train | predict (each includes the next)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -101,16 +101,18 @@ def test_upload_with_wrong_media_type_is_415(client):
     assert_problem(client.post("/v1/datasets", json={"file": "x"}), 415, "multipart")
 
 
-def test_one_class_is_422(client):
+def test_one_class_is_reported_untrainable_and_a_job_on_it_is_422(client):
     data = make_zip({f"ants/{p.name}": p.read_bytes() for p in hymenoptera_files("train", "ants")[:4]})
-    assert_problem(upload(client, data), 422, "at least 2 classes")
+    body = upload(client, data).json()
+    assert not body["trainable"] and "at least 2 classes" in body["report"]["problems"][0]
+    assert_problem(client.post("/v1/jobs", json={"dataset_id": body["id"]}), 422, "at least 2 classes")
 
 
-def test_class_too_small_to_split_is_422_naming_it(client):
+def test_class_too_small_to_train_is_422_naming_it(client):
     ants, bees = hymenoptera_files("train", "ants"), hymenoptera_files("train", "bees")
-    data = make_zip({"ants/a.jpg": ants[0].read_bytes(), "bees/b.jpg": bees[0].read_bytes(),
-                     "bees/c.jpg": bees[1].read_bytes()})
-    assert_problem(upload(client, data), 422, "'ants'")
+    data = make_zip({"ants/a.jpg": ants[0].read_bytes(), **{f"bees/{p.name}": p.read_bytes() for p in bees[:5]}})
+    body = upload(client, data).json()
+    assert_problem(client.post("/v1/jobs", json={"dataset_id": body["id"]}), 422, "'ants'")
 
 
 @pytest.mark.parametrize("bad_name", ["../evil/x.jpg", "/etc/x.jpg", "C:/x.jpg"])
@@ -148,7 +150,7 @@ def test_job_is_queued_with_defaults_filled_in(client, dataset_id):
     job = resp.json()
     assert job["status"] == "queued" and job["model_id"] is None
     cfg = job["config"]
-    assert cfg["backbone"] == "efficientnet_lite0" and cfg["strategy"] == "linear_probe"
+    assert cfg["backbone"] == "efficientnet_lite0" and cfg["strategy"] == "auto"
     assert cfg["epochs"] >= 1 and cfg["learning_rate"] > 0 and cfg["image_size"] == 224
     assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
     assert [j["id"] for j in client.get("/v1/jobs", params={"status": "queued"}).json()] == [job["id"]]

@@ -29,7 +29,8 @@ LONG_JOB = {"strategy": "fine_tune", "image_size": 64, "epochs": 300, "batch_siz
 @pytest.fixture
 def pool_settings(postgres_url, tmp_path) -> Settings:
     s = Settings(data_dir=tmp_path / "data", database_url=postgres_url, heartbeat_interval_s=HEARTBEAT_S,
-                 poll_interval_s=0.1, retry_backoff_s=0.2, cancel_poll_s=0.2, reaper_in_api=False)
+                 poll_interval_s=0.1, retry_backoff_s=0.2, cancel_poll_s=0.2, reaper_in_api=False,
+                 min_images_per_class=2)  # the tiny fixture dataset below has 3 per class
     s.ensure_dirs()
     return s
 
@@ -249,3 +250,26 @@ def test_event_stream_follows_a_real_job_and_closes_at_the_end(api, dataset_id, 
     as_json = api.get(f"/v1/jobs/{job_id}/events").json()
     assert [e["id"] for e in as_json] == [e[0] for e in events]
     assert api.get(f"/v1/jobs/{job_id}/events", params={"after_id": events[-2][0]}).json()[0]["id"] == events[-1][0]
+
+
+def test_sigkill_mid_training_resumes_from_checkpoint_and_matches_an_uninterrupted_run(api, db, dataset_id, workers):
+    recipe = {"strategy": "fine_tune", "image_size": 64, "epochs": 10, "batch_size": 2, "seed": 5}
+    victim = workers.start()
+    job_id = submit(api, dataset_id, **recipe)
+    deadline = time.monotonic() + 120
+    while (api.get(f"/v1/jobs/{job_id}").json()["checkpoint_epoch"] or 0) < 2:
+        assert time.monotonic() < deadline, "no checkpoint was recorded"
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait(30)
+    workers.start()  # its reaper re-queues the dead worker's job after the lease expires
+    resumed = wait_status(api, job_id, ("succeeded", "failed"), timeout=180)
+    assert resumed["status"] == "succeeded" and resumed["attempts"] == 2
+    events = api.get(f"/v1/jobs/{job_id}/events").json()
+    epochs_run = [e["data"]["epoch"] for e in events if e["kind"] == "epoch"]
+    assert epochs_run[-1] == 10 and epochs_run.count(1) == 1, f"the retry must not start over: {epochs_run}"
+    reference = wait_status(api, submit(api, dataset_id, **recipe), ("succeeded", "failed"), timeout=180)
+    with db.session() as s:
+        a, b = s.get(Model, resumed["model_id"]), s.get(Model, reference["model_id"])
+        assert a.metrics["history"] == b.metrics["history"]
+        assert a.metrics["val_accuracy"] == b.metrics["val_accuracy"] and a.sha256 == b.sha256

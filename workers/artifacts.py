@@ -23,15 +23,57 @@ WEIGHTS_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
 
 
 class Classifier(nn.Module):
-    """A pretrained feature extractor with a new classification layer grafted on."""
+    """A pretrained feature extractor with a new classification head grafted on.
 
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+    head "linear": one Linear layer (state keys `head.weight`, `head.bias`, as in format 1's first
+    models); "mlp": Linear -> ReLU -> Dropout -> Linear. Dropout on the head's inputs has no
+    parameters, so it lives outside `head`. `temperature` (calibration) and `tta_flip` (average
+    with the mirror image) are serving settings: they travel in the manifest's "serving" entry.
+    """
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int, head: str = "linear",
+                 hidden_dim: int | None = None, dropout: float = 0.0):
         super().__init__()
         self.features = features
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head_kind, self.hidden_dim, self.dropout_p = head, hidden_dim, float(dropout)
+        self.input_dropout = nn.Dropout(dropout)
+        if head == "linear":
+            self.head = nn.Linear(feature_dim, num_classes)
+        elif head == "mlp":
+            hidden = hidden_dim or 512
+            self.hidden_dim = hidden
+            self.head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                      nn.Linear(hidden, num_classes))
+        else:
+            raise ValueError(f"head must be 'linear' or 'mlp', not {head!r}")
+        self.temperature = 1.0
+        self.tta_flip = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head_logits(self.features(x))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.input_dropout(feats))
+
+    def head_with_representation(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the representation the final Linear reads (for feature_l1)."""
+        z = self.input_dropout(feats)
+        if self.head_kind == "linear":
+            return self.head(z), feats
+        hidden = self.head[1](self.head[0](z))
+        return self.head[3](self.head[2](hidden)), hidden
+
+    def serving_config(self) -> dict:
+        return {"head": self.head_kind, "hidden_dim": self.hidden_dim, "dropout": self.dropout_p,
+                "temperature": float(self.temperature), "tta_flip": bool(self.tta_flip)}
+
+    @torch.inference_mode()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities for a normalized batch, mirror-averaged when tta_flip."""
+        logits = self(x).float()
+        if self.tta_flip:
+            logits = (logits + self(x.flip(-1)).float()) / 2
+        return torch.softmax(logits / self.temperature, dim=1)
 
 
 class ArtifactCorrupt(Exception):
@@ -56,7 +98,7 @@ def write_artifact(models_dir: Path, model_id: str, classifier: Classifier, mani
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"graft_format": str(FORMAT_VERSION)})
         digest = sha256_file(tmp / WEIGHTS_FILE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
-                    "sha256": digest}
+                    "sha256": digest, "serving": classifier.serving_config()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, final)
     except BaseException:
@@ -80,7 +122,12 @@ def load_artifact(artifact_dir: Path, expected_sha256: str) -> LoadedModel:
         raise ArtifactCorrupt(f"{weights} has sha256 {actual}, expected {expected_sha256}")
     manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
     spec = get_backbone(manifest["backbone"])
-    classifier = Classifier(spec.build_features(pretrained=False), spec.feature_dim, len(manifest["classes"]))
+    serving = manifest.get("serving", {})  # absent in models written before heads and calibration
+    classifier = Classifier(spec.build_features(pretrained=False), spec.feature_dim, len(manifest["classes"]),
+                            head=serving.get("head", "linear"), hidden_dim=serving.get("hidden_dim"),
+                            dropout=serving.get("dropout", 0.0))
     classifier.load_state_dict(load_file(str(weights)), strict=True)
+    classifier.temperature = float(serving.get("temperature", 1.0))
+    classifier.tta_flip = bool(serving.get("tta_flip", False))
     classifier.eval().to(memory_format=torch.channels_last)
     return LoadedModel(classifier, manifest["classes"], Preprocessing.from_dict(manifest["preprocessing"]), manifest)

@@ -2,6 +2,11 @@
 
 The API validates requests with this model and stores the resolved recipe on the job; the worker
 reads it back. Defaults depend on the strategy, so they are resolved here and nowhere else.
+
+`strategy="auto"` (the default) leaves the searchable fields (`learning_rate`, `weight_decay`,
+`head`, `tta_flip`, ...) as None: None means "auto chooses" (see workers/auto.py). Fields the
+user sets are kept fixed by the search. Every other strategy gets its defaults filled in here,
+so a stored job config is always complete and re-validates to the same recipe.
 """
 from __future__ import annotations
 
@@ -11,28 +16,82 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from workers.backbones import BACKBONES, DEFAULT_BACKBONE
 
-Strategy = Literal["linear_probe", "fine_tune"]
+Strategy = Literal["auto", "linear_probe", "fine_tune", "partial", "gradual"]
+FINE_TUNING = ("fine_tune", "partial", "gradual")  # strategies that train backbone weights
 Augmentation = Literal["none", "light", "strong"]
+BnMode = Literal["frozen", "train", "adabn"]
+Head = Literal["linear", "mlp"]
+Schedule = Literal["cosine", "one_cycle", "constant"]
+Monitor = Literal["val_accuracy", "val_loss"]
+ClassWeighting = Literal["none", "balanced"]
+Sampler = Literal["shuffle", "balanced"]
 
 # Per-strategy defaults: a linear probe fits a head on cached features (cheap epochs, higher
-# rate); fine-tuning moves pretrained weights, so fewer epochs at a gentler rate.
+# rate); fine-tuning moves pretrained weights, so fewer epochs at a gentler rate, and the
+# stages nearer the input (generic features) at a lower rate than those nearer the head.
 STRATEGY_DEFAULTS: dict[str, dict] = {
-    "linear_probe": {"epochs": 60, "learning_rate": 1e-3, "weight_decay": 1e-2},
-    "fine_tune": {"epochs": 10, "learning_rate": 5e-4, "weight_decay": 5e-2},
+    "linear_probe": {"epochs": 60, "learning_rate": 1e-3, "weight_decay": 1e-2, "augmentation": "none",
+                     "lr_stage_factor": 1.0},
+    "fine_tune": {"epochs": 10, "learning_rate": 5e-4, "weight_decay": 5e-2, "augmentation": "light",
+                  "lr_stage_factor": 1.0},
+    "partial": {"epochs": 10, "learning_rate": 1e-3, "weight_decay": 5e-2, "augmentation": "light",
+                "lr_stage_factor": 1.0, "unfreeze_stages": 2},
+    "gradual": {"epochs": 10, "learning_rate": 5e-4, "weight_decay": 5e-2, "augmentation": "light",
+                "lr_stage_factor": 0.7},
 }
+# Defaults shared by every explicit strategy (auto leaves them None for its search to pick).
+COMMON_DEFAULTS: dict = {"head": "linear", "tta_flip": False, "label_smoothing": 0.0, "dropout": 0.0}
+HIDDEN_DIM_DEFAULT = 512
+MIX_PROB_DEFAULT = 0.5
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field(DEFAULT_BACKBONE, description="a name from GET /v1/backbones")
-    strategy: Strategy = Field("linear_probe", description="linear_probe: head on frozen features; "
-                               "fine_tune: new head, whole network trained")
+    strategy: Strategy = Field("auto", description=(
+        "auto: a short search on the val split picks the recipe (see README); linear_probe: head on "
+        "frozen, cached features; fine_tune: whole network; partial: the last unfreeze_stages stages; "
+        "gradual: head first, then one more stage per epoch"))
+    time_budget_s: float | None = Field(None, ge=10, le=86400, description="auto only: seconds the search may spend")
     epochs: int | None = Field(None, ge=1, le=500)
     batch_size: int = Field(32, ge=1, le=1024)
-    learning_rate: float | None = Field(None, gt=0, le=1)
+    learning_rate: float | None = Field(None, gt=0, le=1, description="the head's rate (peak, after warm-up)")
+    lr_stage_factor: float | None = Field(None, gt=0, le=1, description=(
+        "discriminative rates: each backbone stage trains at this factor times the rate of the stage "
+        "after it (the last stage at learning_rate x factor); 1 = one rate"))
+    unfreeze_stages: int | None = Field(None, ge=1, le=64, description=(
+        "partial: stages trained, counted from the output; gradual: stop unfreezing after this many "
+        "(default all); more than the backbone has means all"))
+    bn_mode: BnMode = Field("frozen", description=(
+        "frozen: BatchNorm running statistics fixed; train: batch statistics in trained stages; "
+        "adabn: statistics re-estimated on the training images before training, then frozen"))
     weight_decay: float | None = Field(None, ge=0, le=1, description="decoupled (AdamW); none on norms and biases")
-    augmentation: Augmentation = Field("light", description="train-time only; fine_tune only")
+    l2sp: float = Field(0.0, ge=0, le=10, description=(
+        "L2-SP: penalty l2sp/2 * |w - w_pretrained|^2 on backbone weights, which then get no weight_decay"))
+    label_smoothing: float | None = Field(None, ge=0, le=0.5)
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the head's inputs (and hidden units)")
+    head: Head | None = Field(None, description="linear, or mlp (one hidden ReLU layer of hidden_dim units)")
+    hidden_dim: int | None = Field(None, ge=8, le=8192, description="mlp head only")
+    feature_l1: float = Field(0.0, ge=0, le=10, description=(
+        "L1 penalty on the representation the final layer reads (mlp hidden units, or backbone features "
+        "when the backbone trains): mean |activation| times this"))
+    augmentation: Augmentation | None = Field(None, description=(
+        "train-time only: none; light = random resized crop + flip; strong = light + TrivialAugmentWide "
+        "+ random erasing. A linear probe supports none or light (its flip view)"))
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off; needs pixels, "
+                                "so not with linear_probe")
+    mix_prob: float | None = Field(None, ge=0, le=1, description="share of batches mixed when mixup/cutmix is on")
+    tta_flip: bool | None = Field(None, description="average the logits of each image and its mirror at evaluation "
+                                  "and predict")
+    schedule: Schedule = Field("cosine", description="cosine: linear warm-up then cosine decay; one_cycle; constant")
+    warmup_fraction: float = Field(0.1, ge=0, le=0.5, description="share of steps in warm-up (cosine, one_cycle)")
+    patience: int | None = Field(None, ge=1, le=500, description="early stopping: epochs without improvement")
+    monitor: Monitor = Field("val_accuracy", description="what picks the best epoch and drives early stopping")
+    class_weighting: ClassWeighting = Field("none", description="balanced: loss weights inversely "
+                                            "proportional to class frequency")
+    sampler: Sampler = Field("shuffle", description="balanced: draw each class equally often")
     image_size: int | None = Field(None, ge=32, le=640, description="crop side in pixels; default: the backbone's")
     val_fraction: float = Field(0.2, ge=0.05, le=0.5, description="held out, stratified, when the dataset has no val split")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -45,10 +104,55 @@ class TrainConfig(BaseModel):
         return name
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> "TrainConfig":
-        for key, value in STRATEGY_DEFAULTS[self.strategy].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+    def _check_and_fill(self) -> "TrainConfig":
+        _check_combinations(self)
         if self.image_size is None:
             self.image_size = BACKBONES[self.backbone].preprocessing.input_size
+        if self.strategy == "auto":
+            return self  # None fields are for the search to choose
+        for key, value in {**STRATEGY_DEFAULTS[self.strategy], **COMMON_DEFAULTS}.items():
+            if getattr(self, key, None) is None:
+                setattr(self, key, value)
+        if self.head == "mlp" and self.hidden_dim is None:
+            self.hidden_dim = HIDDEN_DIM_DEFAULT
+        if (self.mixup_alpha or self.cutmix_alpha) and self.mix_prob is None:
+            self.mix_prob = MIX_PROB_DEFAULT
         return self
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.strategy in FINE_TUNING
+
+
+def _check_combinations(c: TrainConfig) -> None:
+    """Reject recipes whose options contradict each other, saying what is allowed instead."""
+    s = c.strategy
+    if c.time_budget_s is not None and s != "auto":
+        raise ValueError(f"time_budget_s applies to strategy 'auto' only, not {s!r}")
+    if c.unfreeze_stages is not None and s not in ("partial", "gradual", "auto"):
+        raise ValueError(f"unfreeze_stages applies to strategies 'partial' and 'gradual', not {s!r}")
+    if c.hidden_dim is not None and c.head == "linear":
+        raise ValueError("hidden_dim applies to head 'mlp' only")
+    if c.mix_prob is not None and not (c.mixup_alpha or c.cutmix_alpha):
+        raise ValueError("mix_prob needs mixup_alpha or cutmix_alpha above 0")
+    if c.class_weighting == "balanced" and c.sampler == "balanced":
+        raise ValueError("class_weighting 'balanced' and sampler 'balanced' correct the same imbalance "
+                         "twice; choose one")
+    if s == "linear_probe":
+        if c.bn_mode == "train":
+            raise ValueError("bn_mode 'train' needs trained backbone stages; a linear_probe's backbone is "
+                             "frozen: use 'frozen' or 'adabn'")
+        if c.l2sp:
+            raise ValueError("l2sp pulls trained backbone weights toward the pretrained ones; a linear_probe "
+                             "trains none: use weight_decay, or strategy fine_tune/partial/gradual")
+        if c.cutmix_alpha:
+            raise ValueError("cutmix mixes pixels, but a linear_probe trains on cached features: use "
+                             "mixup_alpha, or a fine-tuning strategy")
+        if c.augmentation == "strong":
+            raise ValueError("a linear_probe trains on cached features: augmentation 'none' or 'light' "
+                             "(adds each training image's mirror); 'strong' needs a fine-tuning strategy")
+        if c.lr_stage_factor not in (None, 1.0):
+            raise ValueError("lr_stage_factor applies to strategies that train the backbone")
+        if c.feature_l1 and c.head != "mlp":
+            raise ValueError("feature_l1 on a linear_probe needs head 'mlp' (the fixed features have "
+                             "nothing to sparsify)")

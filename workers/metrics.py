@@ -1,7 +1,10 @@
-"""Classification metrics a user reads on a model: accuracy, per-class P/R/F1, confusion matrix."""
+"""Classification metrics a user reads on a model: accuracy, balanced accuracy, macro-F1, top-5,
+per-class P/R/F1/support, confusion matrix, ECE."""
 from __future__ import annotations
 
 import torch
+
+from workers.calibration import ECE_BINS, expected_calibration_error
 
 
 def classification_metrics(y_true: torch.Tensor, probs: torch.Tensor, classes: list[str]) -> dict:
@@ -18,11 +21,18 @@ def classification_metrics(y_true: torch.Tensor, probs: torch.Tensor, classes: l
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
     present = support > 0
     nll = -torch.log(probs[torch.arange(len(y_true)), y_true].clamp(min=1e-12)).mean()
+    extra = {}
+    if n_cls > 5:
+        top5 = (probs.topk(5, dim=1).indices == y_true[:, None]).any(dim=1).float().mean()
+        extra["top5_accuracy"] = round(float(top5), 6)
     return {
         "val_accuracy": round(float(tp.sum() / max(1, len(y_true))), 6),
         "val_loss": round(float(nll), 6),
         "balanced_accuracy": round(float(recall[present].mean()) if present.any() else 0.0, 6),
         "macro_f1": round(float(f1[present].mean()) if present.any() else 0.0, 6),
+        **extra,
+        "ece": round(expected_calibration_error(probs, y_true), 6),
+        "ece_bins": ECE_BINS,
         "num_val_images": int(len(y_true)),
         "per_class": {
             c: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),

@@ -61,3 +61,31 @@ def train_augmentation(preset: str, pre: Preprocessing) -> v2.Transform:
 def augment_batch(batch_u8: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     # v2 transforms draw one set of parameters per call, so a batch needs one call per sample.
     return torch.stack([transform(img) for img in batch_u8])
+
+
+def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix (one of the two per batch, at random, when both are on); None when off."""
+    mixers = []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mixer: v2.Transform | None, mix_prob: float | None,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability mix_prob, mix the batch: returns soft targets [N, C] then, else the labels.
+
+    Works on image batches [N,3,H,W] and on feature batches [N,D] (MixUp only: viewed as [N,D,1,1]).
+    Whether to mix is drawn from `generator`; the mixing coefficient from torch's global RNG
+    (seeded per job), as torchvision draws it.
+    """
+    if mixer is None or len(y) < 2 or float(torch.rand((), generator=generator)) >= (mix_prob or 0.0):
+        return x, y
+    if x.ndim == 2:
+        mixed, targets = mixer(x[:, :, None, None], y)
+        return mixed.flatten(1), targets
+    return mixer(x, y)

@@ -19,6 +19,7 @@ from service.settings import Settings
 from service.tables import Model
 from workers.artifacts import write_artifact
 from workers.backbones import WeightsUnavailable, get_backbone
+from workers.checkpoints import prune_checkpoints, read_checkpoint, write_checkpoint
 from workers.config import TrainConfig
 from workers.data import prepare_data
 from workers.errors import JobError, StopJob
@@ -90,6 +91,22 @@ class LeaseControl:
             raise StopJob(self.stop_reason)
         if self.worker.drain_deadline is not None and time.monotonic() >= self.worker.drain_deadline:
             raise StopJob("shutdown")
+
+    def save_checkpoint(self, epoch: int, state: dict) -> None:
+        """Training loops call this at each epoch end; a retry of the job resumes from it."""
+        data_dir = self.settings.data_dir
+        relative = write_checkpoint(data_dir, self.claim.job_id, self.claim.lease_token, epoch, state)
+        if self.queue.record_checkpoint(self.claim, epoch, relative):
+            prune_checkpoints(data_dir, self.claim.job_id, keep=relative)
+        else:
+            (data_dir / relative).unlink(missing_ok=True)
+            self.stop_reason = self.stop_reason or "lost"
+
+    def resume_state(self) -> dict | None:
+        """The last checkpoint of an earlier attempt of this job, if there is one."""
+        if not self.claim.checkpoint_file:
+            return None
+        return read_checkpoint(self.settings.data_dir, self.claim.checkpoint_file)
 
     def progress(self, update: dict) -> None:
         new_phase = update.get("phase") != self._progress.get("phase")
@@ -179,20 +196,25 @@ class Worker:
             except StopJob as stop:
                 self._stopped(claim, stop.reason)
             except JobError as err:
-                self.queue.fail(claim, err.code, err.message, retryable=False)
+                self._fail(claim, err.code, err.message, retryable=False)
             except (torch.cuda.OutOfMemoryError, MemoryError):
-                self.queue.fail(claim, "out_of_memory", "the worker ran out of memory; try a smaller "
-                                "batch_size or image_size", retryable=True)
+                self._fail(claim, "out_of_memory", "the worker ran out of memory; try a smaller "
+                           "batch_size or image_size", retryable=True)
             except Exception as exc:
                 log.exception("job %s crashed", claim.job_id, extra={"action": "job_error"})
-                self.queue.fail(claim, "internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+                self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # a cancelled or failed job leaves the GPU free
 
+    def _fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> None:
+        if self.queue.fail(claim, code, message, retryable=retryable) == "failed":
+            prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)  # no retry will resume
+
     def _stopped(self, claim: Claim, reason: str) -> None:
         if reason == "cancel":
-            self.queue.finish_cancelled(claim)
+            if self.queue.finish_cancelled(claim):
+                prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)
         elif reason == "shutdown":
             self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, reason, extra={"action": "job_stop"})
@@ -214,13 +236,14 @@ class Worker:
                     "backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict(),
                     "recipe": config.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat()}
         path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest)
-        model = Model(id=model_id, job_id=claim.job_id, dataset_id=claim.dataset_id, backbone=spec.name,
-                      classes=data.classes, metrics=metrics, recipe=config.model_dump(),
+        model = Model(id=model_id, project_id=claim.project_id, job_id=claim.job_id, dataset_id=claim.dataset_id,
+                      backbone=spec.name, classes=data.classes, metrics=metrics, recipe=config.model_dump(),
                       artifact_dir=str(path.relative_to(self.settings.data_dir)), sha256=digest,
                       size_bytes=size)
         if not self.queue.publish(claim, model):
             shutil.rmtree(path, ignore_errors=True)  # another worker owns the job now
             log.warning("lease lost before publishing job %s", claim.job_id, extra={"action": "publish_lost"})
             return
+        prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)
         log.info("job %s succeeded: model %s, val_accuracy %.4f", claim.job_id, model_id,
                  metrics["val_accuracy"], extra={"action": "job_done"})

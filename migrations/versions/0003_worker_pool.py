@@ -15,8 +15,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("job") as batch_op:
-        batch_op.add_column(sa.Column("requires_gpu", sa.Boolean(), nullable=False, server_default=sa.false()))
+    # recreate="never": plain ALTER TABLE ADD COLUMN; a SQLite table rebuild would be refused by the
+    # foreign keys pointing at job.
+    with op.batch_alter_table("job", recreate="never") as batch_op:
+        batch_op.add_column(sa.Column("requires_gpu", sa.Boolean(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("attempt_history", sa.JSON(), nullable=False, server_default="[]"))
         batch_op.add_column(sa.Column("checkpoint_epoch", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("checkpoint_file", sa.String(length=1024), nullable=True))
@@ -51,7 +53,7 @@ def downgrade() -> None:
     with op.batch_alter_table("job_event") as batch_op:
         batch_op.drop_index(batch_op.f("ix_job_event_job_id"))
     op.drop_table("job_event")
-    with op.batch_alter_table("job") as batch_op:
+    with op.batch_alter_table("job", recreate="never") as batch_op:
         batch_op.drop_column("checkpoint_file")
         batch_op.drop_column("checkpoint_epoch")
         batch_op.drop_column("attempt_history")

@@ -1,5 +1,7 @@
 from fastapi import APIRouter
 
+from service.auth import PredictCaller
+
 from service.schemas import BackboneOut
 from workers.backbones import BACKBONES
 
@@ -7,7 +9,7 @@ router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
 
 
 @router.get("")
-def list_backbones() -> list[BackboneOut]:
+def list_backbones(caller: PredictCaller) -> list[BackboneOut]:
     """Every backbone Graft knows, and whether its pretrained weights are on this machine."""
     return [BackboneOut(name=s.name, weights_available=s.weights_available(),
                         input_size=s.preprocessing.input_size, feature_dim=s.feature_dim,

@@ -1,0 +1,28 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from service.errors import Conflict
+from service.exports import ExportFormat
+from service.auth import TrainCaller
+from service.catalog import ready_model
+from workers.artifacts import ArtifactCorrupt
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("/{model_id}/export", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}},
+                             "description": "a zip: the model file, manifest.json and USAGE.md"}})
+def export_model(model_id: str, request: Request, caller: TrainCaller,
+                 format: Annotated[ExportFormat, Query(description="onnx | safetensors | torchscript")] = "onnx"):
+    """The model as ONNX, safetensors or TorchScript, with its preprocessing manifest, as a zip."""
+    # A short transaction: an export can take seconds, and on SQLite every transaction holds the lock.
+    with request.app.state.db.session() as session:
+        row = ready_model(session, model_id, caller.project_id)
+    try:
+        path = request.app.state.exporter.export(row, format)
+    except (ArtifactCorrupt, FileNotFoundError):
+        raise Conflict(f"model {row.id}'s stored file is missing or failed its sha256 check; retrain it") from None
+    return FileResponse(path, media_type="application/zip", filename=f"graft-{row.id}-{format}.zip")

@@ -1,0 +1,430 @@
+// Graft dashboard: plain JS over the public API (no build step). User data is only ever put in
+// the page as text nodes (el() below), never as HTML.
+"use strict";
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const MAX_STREAMS = 3;
+const state = {
+  datasets: [], jobs: [], models: [],
+  history: {},         // job id -> [{epoch, epochs, train_loss, val_loss, val_accuracy}]
+  followed: new Set(), // job ids whose events we are reading (stream or polling)
+  streams: 0,          // open event streams
+  selectedModel: null,
+  uploadFile: null,
+};
+
+// -- helpers --------------------------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "class") node.className = value;
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+const $ = (sel) => document.querySelector(sel);
+const fmt = (x, digits = 3) => (typeof x === "number" ? x.toFixed(digits) : (x ?? "–"));
+
+function authHeaders() {
+  const key = localStorage.getItem("graft.apiKey");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (!resp.ok) {
+    let detail = resp.statusText;
+    try { detail = (await resp.json()).detail || detail; } catch (_) { /* not JSON */ }
+    const error = new Error(`${resp.status}: ${detail}`);
+    error.status = resp.status;
+    throw error;
+  }
+  return resp.headers.get("content-type")?.includes("json") ? resp.json() : resp;
+}
+
+function showError(error) {
+  const box = $("#error");
+  box.textContent = error.message || String(error);
+  box.hidden = false;
+  clearTimeout(showError.timer);
+  showError.timer = setTimeout(() => { box.hidden = true; }, 8000);
+}
+
+function dropzone(zone, onFiles) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer?.files?.length) onFiles([...e.dataTransfer.files]);
+  });
+}
+
+// -- health -----------------------------------------------------------------------------------
+async function refreshHealth() {
+  const badge = $("#health");
+  try {
+    const resp = await fetch("/readyz");
+    const body = await resp.json();
+    badge.textContent = resp.ok ? "ready" : "not ready";
+    badge.title = resp.ok ? "" : body.detail;
+    badge.className = `badge ${resp.ok ? "ok" : "bad"}`;
+  } catch (e) {
+    badge.textContent = "unreachable";
+    badge.className = "badge bad";
+  }
+}
+
+// -- datasets ---------------------------------------------------------------------------------
+function chooseUpload(file) {
+  state.uploadFile = file;
+  $("#upload-chosen").textContent = `${file.name} (${(file.size / 1e6).toFixed(1)} MB)`;
+  $("#upload-submit").disabled = false;
+  if (!$("#upload-name").value) $("#upload-name").value = file.name.replace(/\.zip$/i, "");
+}
+
+function uploadDataset(event) {
+  event.preventDefault();
+  const file = state.uploadFile;
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const name = $("#upload-name").value.trim();
+  if (name) form.append("name", name);
+  const bar = $("#upload-progress");
+  bar.hidden = false;
+  bar.value = 0;
+  $("#upload-submit").disabled = true;
+  // XMLHttpRequest, not fetch: it reports upload progress.
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/v1/datasets");
+  for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+  xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = e.loaded / e.total; };
+  xhr.onload = async () => {
+    bar.hidden = true;
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+    if (xhr.status !== 201) {
+      $("#upload-submit").disabled = false;
+      return showError(new Error(`${xhr.status}: ${body.detail || xhr.statusText}`));
+    }
+    state.uploadFile = null;
+    $("#upload-chosen").textContent = `uploaded ${body.name}`;
+    $("#upload-name").value = "";
+    await refreshDatasets();
+    $("#train-dataset").value = body.id;
+  };
+  xhr.onerror = () => { bar.hidden = true; $("#upload-submit").disabled = false; showError(new Error("upload failed")); };
+  xhr.send(form);
+}
+
+function datasetCard(d) {
+  const splits = Object.keys(d.split_counts).sort();
+  const table = el("table", {},
+    el("tr", {}, el("th", {}, "class"), splits.map((s) => el("th", {}, s)), el("th", {}, "total")),
+    d.classes.map((label) => el("tr", {}, el("td", {}, label),
+      splits.map((s) => el("td", {}, d.split_counts[s][label] ?? 0)), el("td", {}, d.class_counts[label]))));
+  const rejected = d.rejected.length
+    ? el("details", { class: "rejected" }, el("summary", {}, `${d.rejected.length} file(s) skipped`),
+        el("ul", {}, d.rejected.slice(0, 200).map((r) => el("li", {}, `${r.path}: ${r.reason}`))))
+    : el("div", { class: "stats" }, "every file was usable");
+  const report = d.report || {};
+  const notes = [...(report.problems || []).map((p) => el("div", { class: "problem" }, `cannot train: ${p}`)),
+                 ...(report.warnings || []).map((w) => el("div", { class: "rejected" }, `warning: ${w}`))];
+  return el("div", { class: "card dataset", "data-id": d.id, "data-testid": "dataset" },
+    el("b", {}, d.name), " ", el("span", { class: "id" }, d.id),
+    el("div", { class: "stats" }, `${d.num_images} images · ${d.classes.length} classes · `
+      + (d.has_val_split ? "train/val split given" : "val held out per job")),
+    table, notes, rejected);
+}
+
+async function refreshDatasets() {
+  state.datasets = await api("/v1/datasets");
+  $("#datasets").replaceChildren(...state.datasets.map(datasetCard));
+  const select = $("#train-dataset");
+  const chosen = select.value;
+  select.replaceChildren(...state.datasets.map((d) => el("option", { value: d.id }, `${d.name} (${d.num_images})`)));
+  if (chosen && state.datasets.some((d) => d.id === chosen)) select.value = chosen;
+}
+
+async function loadBackbones() {
+  const backbones = await api("/v1/backbones");
+  $("#train-backbone").replaceChildren(...backbones.map((b) =>
+    el("option", { value: b.name, disabled: !b.weights_available }, b.name + (b.weights_available ? "" : " (no weights)"))));
+}
+
+// -- jobs -------------------------------------------------------------------------------------
+async function startJob(event) {
+  event.preventDefault();
+  const body = { dataset_id: $("#train-dataset").value, backbone: $("#train-backbone").value,
+                 strategy: $("#train-strategy").value };
+  for (const [field, id] of [["epochs", "#train-epochs"], ["image_size", "#train-image-size"],
+                             ["batch_size", "#train-batch-size"]]) {
+    if ($(id).value) body[field] = Number($(id).value);
+  }
+  try {
+    const job = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                        body: JSON.stringify(body) });
+    state.jobs.unshift(job);
+    renderJobs();
+    followJob(job.id);
+  } catch (e) { showError(e); }
+}
+
+function recordEpoch(jobId, data) {
+  if (data.epoch === undefined || data.val_accuracy === undefined) return;
+  const history = (state.history[jobId] ||= []);
+  if (!history.some((h) => h.epoch === data.epoch)) history.push({ ...data });
+}
+
+function updateJob(jobId, patch) {
+  const job = state.jobs.find((j) => j.id === jobId);
+  if (!job) return;
+  const wasFollowed = state.followed.has(jobId);
+  Object.assign(job, patch);
+  renderJobs();
+  if (TERMINAL.includes(job.status) && wasFollowed) {
+    state.followed.delete(jobId);
+    jobFinished(jobId).catch(showError);
+  }
+}
+
+// A job we watched has ended: show its final state and, when it produced one, its model.
+async function jobFinished(jobId) {
+  const job = await api(`/v1/jobs/${jobId}`);
+  Object.assign(state.jobs.find((j) => j.id === jobId) || {}, job);
+  renderJobs();
+  await refreshModels();
+  if (job.model_id) await selectModel(job.model_id);
+}
+
+function applyEvent(jobId, event) {
+  const data = event.data || {};
+  const job = state.jobs.find((j) => j.id === jobId);
+  if (event.kind === "status") updateJob(jobId, { status: data.status, model_id: data.model_id ?? job?.model_id });
+  else if (job) {
+    recordEpoch(jobId, data);
+    updateJob(jobId, { progress: { ...job.progress, ...data } });
+  }
+}
+
+// Live progress: the job's server-sent event stream, read with fetch so it can carry the API
+// key; a server without it (404) is polled instead.
+async function followJob(jobId) {
+  if (state.followed.has(jobId)) return;
+  state.followed.add(jobId);
+  // A browser opens ~6 connections per server: keep most of them for the rest of the page.
+  if (state.streams >= MAX_STREAMS) return pollJob(jobId);
+  state.streams += 1;
+  try {
+    const resp = await fetch(`/v1/jobs/${jobId}/events`, { headers: { Accept: "text/event-stream", ...authHeaders() } });
+    if (resp.ok && resp.headers.get("content-type")?.startsWith("text/event-stream")) {
+      await readEvents(jobId, resp.body);
+      if (!TERMINAL.includes(state.jobs.find((j) => j.id === jobId)?.status)) {
+        state.followed.delete(jobId); // the stream ended early: the next refresh follows again
+      }
+      return;
+    }
+  } catch (_) { /* fall through to polling */ } finally { state.streams -= 1; }
+  pollJob(jobId);
+}
+
+async function readEvents(jobId, body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const fields = { data: [] };
+      for (const line of block.split("\n")) {
+        if (!line || line.startsWith(":")) continue;
+        const i = line.indexOf(":");
+        const name = i < 0 ? line : line.slice(0, i);
+        const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+        if (name === "data") fields.data.push(val); else fields[name] = val;
+      }
+      if (!fields.data.length) continue;
+      let payload = {};
+      try { payload = JSON.parse(fields.data.join("\n")); } catch (_) { continue; }
+      const event = payload.kind && payload.data !== undefined ? payload : { kind: fields.event || "message", data: payload };
+      applyEvent(jobId, event);
+      if (event.kind === "status" && TERMINAL.includes(event.data.status)) { reader.cancel(); return; }
+    }
+  }
+}
+
+async function pollJob(jobId) {
+  while (state.followed.has(jobId)) {
+    try {
+      const job = await api(`/v1/jobs/${jobId}`);
+      recordEpoch(jobId, job.progress);
+      updateJob(jobId, job);
+      if (TERMINAL.includes(job.status)) return;
+    } catch (e) { if (e.status === 404) return; }
+    await new Promise((r) => setTimeout(r, 700));
+  }
+}
+
+function jobCard(j) {
+  const p = j.progress || {};
+  const total = p.epochs || j.config.epochs || 1;
+  const done = j.status === "succeeded" ? total : (p.epoch || 0);
+  const stats = [p.phase && j.status === "running" ? p.phase : null,
+                 p.epoch ? `epoch ${p.epoch}/${p.epochs}` : null,
+                 p.train_loss !== undefined ? `loss ${fmt(p.train_loss, 4)}` : null,
+                 p.val_accuracy !== undefined ? `val acc ${fmt(p.val_accuracy)}` : null].filter(Boolean).join(" · ");
+  const history = state.history[j.id] || [];
+  const card = el("div", { class: "card job", "data-id": j.id, "data-status": j.status, "data-testid": "job",
+                           onclick: () => j.model_id && selectModel(j.model_id) },
+    el("span", { class: `badge status-${j.status}`, "data-testid": "job-status" }, j.status), " ",
+    el("b", {}, `${j.config.strategy} · ${j.config.backbone}`), " ", el("span", { class: "id" }, j.id),
+    el("progress", { max: total, value: done, "data-testid": "job-progress" }),
+    el("div", { class: "stats" }, stats || "\u00a0"),
+    j.error ? el("div", { class: "rejected" }, `${j.error.code}: ${j.error.message}`) : null);
+  if (history.length > 1) {
+    const canvas = el("canvas", { width: 320, height: 110, class: "job-curves" });
+    drawCurves(canvas, history);
+    card.append(canvas);
+  }
+  return card;
+}
+
+function renderJobs() {
+  $("#jobs").replaceChildren(...state.jobs.slice(0, 12).map(jobCard));
+}
+
+async function refreshJobs() {
+  const jobs = await api("/v1/jobs?limit=50");
+  // Keep live values from event streams for jobs we follow; the list may lag a second behind.
+  state.jobs = jobs.map((j) => {
+    const old = state.jobs.find((o) => o.id === j.id);
+    const live = old && state.followed.has(j.id) && (old.progress?.epoch || 0) > (j.progress?.epoch || 0);
+    return live ? { ...j, progress: old.progress } : j;
+  });
+  for (const j of state.jobs) {
+    if (j.status === "running") followJob(j.id); // queued ones are refreshed with this list
+  }
+  renderJobs();
+}
+
+// -- curves -----------------------------------------------------------------------------------
+function drawCurves(canvas, history) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, pad = 28;
+  ctx.clearRect(0, 0, W, H);
+  ctx.font = W < 400 ? "9px system-ui" : "11px system-ui"; ctx.lineWidth = 2;
+  const n = Math.max(...history.map((h) => h.epoch), 1);
+  const maxLoss = Math.max(...history.flatMap((h) => [h.train_loss, h.val_loss].filter((v) => v !== undefined)), 1e-6);
+  const x = (epoch) => pad + (W - 2 * pad) * (n === 1 ? 0.5 : (epoch - 1) / (n - 1));
+  const y = (v, max) => H - pad + 4 - (H - 2 * pad) * (v / max);
+  ctx.strokeStyle = "#d9dee8"; ctx.beginPath(); ctx.moveTo(pad, pad - 4); ctx.lineTo(pad, H - pad + 4);
+  ctx.lineTo(W - pad, H - pad + 4); ctx.stroke();
+  // Losses share one scale (0..largest loss), accuracy its own (0..1).
+  const series = [["train_loss", "#c4321f", maxLoss], ["val_loss", "#e59a3c", maxLoss], ["val_accuracy", "#2f6fed", 1]];
+  let legendX = pad;
+  for (const [key, color, max] of series) {
+    const pts = history.filter((h) => h[key] !== undefined);
+    if (!pts.length) continue;
+    ctx.strokeStyle = color; ctx.fillStyle = color; ctx.beginPath();
+    pts.forEach((h, k) => (k ? ctx.lineTo(x(h.epoch), y(h[key], max)) : ctx.moveTo(x(h.epoch), y(h[key], max))));
+    ctx.stroke();
+    const label = `${key} ${fmt(pts[pts.length - 1][key])}`;
+    ctx.fillText(label, legendX, 12);
+    legendX += ctx.measureText(label).width + 10;
+  }
+  ctx.fillStyle = "#667085"; ctx.fillText(`epoch ${n}`, W - pad - 40, H - 6);
+}
+
+// -- models -----------------------------------------------------------------------------------
+async function refreshModels() {
+  state.models = await api("/v1/models");
+  $("#models").replaceChildren(...state.models.map((m) =>
+    el("div", { class: `card model${m.id === state.selectedModel ? " selected" : ""}`, "data-id": m.id,
+                "data-testid": "model", onclick: () => selectModel(m.id) },
+      el("b", {}, `${m.backbone} · ${m.recipe.strategy}`), " ", el("span", { class: "id" }, m.id),
+      el("div", { class: "stats" }, `val accuracy ${fmt(m.metrics.val_accuracy)} · classes ${m.classes.join(", ")}`))));
+  if (!state.selectedModel && state.models.length) selectModel(state.models[0].id);
+}
+
+async function selectModel(modelId) {
+  state.selectedModel = modelId;
+  document.querySelectorAll(".model").forEach((c) => c.classList.toggle("selected", c.dataset.id === modelId));
+  const m = await api(`/v1/models/${modelId}`);
+  const metrics = m.metrics;
+  $("#model-detail").hidden = false;
+  $("#model-detail").dataset.modelId = m.id;
+  $("#model-title").textContent = `Model ${m.id}`;
+  const rows = [["backbone", m.backbone], ["strategy", m.recipe.strategy], ["image size", m.recipe.image_size],
+                ["val accuracy", fmt(metrics.val_accuracy)], ["balanced accuracy", fmt(metrics.balanced_accuracy)],
+                ["macro F1", fmt(metrics.macro_f1)], ["val loss", fmt(metrics.val_loss, 4)],
+                ["best epoch", metrics.best_epoch], ["train images/s", metrics.train_images_per_s],
+                ["device", metrics.device]];
+  $("#model-metrics").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v ?? "–"))));
+  const cm = metrics.confusion_matrix;
+  const peak = Math.max(1, ...cm.matrix.flat());
+  $("#confusion").replaceChildren(
+    el("tr", {}, el("th", {}, ""), cm.labels.map((l) => el("th", {}, l))),
+    ...cm.matrix.map((row, i) => el("tr", {}, el("th", {}, cm.labels[i]), row.map((v, j) => {
+      const shade = Math.round(255 - 150 * (v / peak));
+      const color = i === j ? `rgb(${shade},255,${shade})` : `rgb(255,${shade},${shade})`;
+      return el("td", { class: "cell", style: `background:${v ? color : "#fff"}` }, v);
+    }))));
+  $("#per-class").replaceChildren(el("tr", {}, ["class", "precision", "recall", "F1", "support"].map((h) => el("th", {}, h))),
+    ...Object.entries(metrics.per_class).map(([label, c]) => el("tr", {}, el("td", {}, label), el("td", {}, fmt(c.precision)),
+      el("td", {}, fmt(c.recall)), el("td", {}, fmt(c.f1)), el("td", {}, c.support))));
+  drawCurves($("#model-curves"), metrics.history || []);
+  $("#exports").replaceChildren("Export: ", ...["onnx", "safetensors", "torchscript"].map((f) =>
+    el("a", { href: `/v1/models/${m.id}/export?format=${f}`, download: "", style: "margin-right:12px" }, f)),
+    el("span", { class: "stats" }, " (a zip: the model file, manifest.json with the preprocessing, USAGE.md)"));
+  $("#predict-results").replaceChildren();
+}
+
+async function predictFiles(files) {
+  const modelId = state.selectedModel;
+  if (!modelId || !files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("file", f, f.name);
+  try {
+    const answer = await api(`/v1/models/${modelId}/predict?top_k=3`, { method: "POST", body: form });
+    $("#predict-results").replaceChildren(...answer.results.map((r, i) => el("div", { class: "card prediction", "data-testid": "prediction" },
+      el("img", { src: URL.createObjectURL(files[i]), alt: r.filename }),
+      el("div", {}, el("b", { class: "top-label" }, r.predictions[0].label), ` ${fmt(r.predictions[0].score)}`),
+      el("div", { class: "stats" }, r.filename),
+      r.predictions.map((p) => el("div", {}, el("div", { class: "stats" }, `${p.label} ${fmt(p.score)}`),
+        el("div", { class: "bar", style: `width:${Math.max(2, Math.round(p.score * 120))}px` }))))));
+  } catch (e) { showError(e); }
+}
+
+// -- start ------------------------------------------------------------------------------------
+async function refreshAll() {
+  try {
+    await Promise.all([refreshHealth(), refreshDatasets(), refreshJobs(), refreshModels()]);
+  } catch (e) { showError(e); }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const key = $("#api-key");
+  key.value = localStorage.getItem("graft.apiKey") || "";
+  key.addEventListener("change", () => { localStorage.setItem("graft.apiKey", key.value.trim()); refreshAll(); });
+  $("#upload-file").addEventListener("change", (e) => e.target.files[0] && chooseUpload(e.target.files[0]));
+  dropzone($("#upload-form"), (files) => chooseUpload(files[0]));
+  $("#upload-form").addEventListener("submit", uploadDataset);
+  $("#train-form").addEventListener("submit", startJob);
+  $("#predict-file").addEventListener("change", (e) => predictFiles([...e.target.files]));
+  dropzone($("#predict-drop"), predictFiles);
+  loadBackbones().catch(showError);
+  refreshAll();
+  setInterval(refreshAll, 3000);
+});

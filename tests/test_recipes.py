@@ -1,0 +1,397 @@
+"""Each recipe option has the effect it promises, on a dozen real photos at 64 px."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from tests.conftest import hymenoptera_files
+from workers import auto
+from workers.artifacts import Classifier, load_artifact, write_artifact
+from workers.backbones import get_backbone
+from workers.calibration import expected_calibration_error, fit_temperature, nll
+from workers.config import TrainConfig
+from workers.metrics import classification_metrics
+from workers.preprocessing import batch_mixer, decode_square, eval_crop, mix_batch, normalize, train_augmentation
+from workers.training import (EarlyStopping, PreparedData, adapt_batchnorm, class_weights, l2sp_penalty,
+                              make_criterion, make_scheduler, stage_param_groups, train, train_batches,
+                              unfreeze_plan)
+
+SPEC = get_backbone("efficientnet_lite0")
+PRE = SPEC.preprocessing.at_size(64)
+CPU = torch.device("cpu")
+
+
+class Recorder:
+    def __init__(self):
+        self.updates = []
+
+    def checkpoint(self):
+        pass
+
+    def progress(self, update):
+        self.updates.append(update)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> PreparedData:
+    def load(split, n):
+        xs, ys = [], []
+        for y, label in enumerate(("ants", "bees")):
+            for p in hymenoptera_files(split, label)[:n]:
+                xs.append(decode_square(p.read_bytes(), PRE))
+                ys.append(y)
+        return torch.stack(xs), torch.tensor(ys)
+    (tx, ty), (vx, vy) = load("train", 6), load("val", 3)
+    return PreparedData(["ants", "bees"], PRE, tx, ty, vx, vy)
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> dict[str, torch.Tensor]:
+    return SPEC.build_features(pretrained=True).state_dict()
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 4, "image_size": 64, "seed": 7, **overrides})
+
+
+def run(data, recorder=None, features=None, **overrides):
+    features = features if features is not None else SPEC.build_features(pretrained=True)
+    return train(config(**overrides), data, features, SPEC.feature_dim, recorder or Recorder(), CPU)
+
+
+def backbone_state(result) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("features."): v for k, v in result.classifier.state_dict().items()
+            if k.startswith("features.")}
+
+
+def stats_keys(state: dict) -> list[str]:
+    return [k for k in state if k.endswith(("running_mean", "running_var"))]
+
+
+# --- BatchNorm policy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "fine_tune", "partial", "gradual"])
+def test_bn_frozen_leaves_every_running_statistic_unchanged(strategy, data, pretrained):
+    tuned = backbone_state(run(data, strategy=strategy, bn_mode="frozen"))
+    keys = stats_keys(pretrained)
+    assert keys and all(torch.equal(pretrained[k], tuned[k]) for k in keys)
+
+
+def test_bn_train_updates_statistics_of_trained_stages_only(data, pretrained):
+    features = SPEC.build_features(pretrained=True)
+    stages = SPEC.stages(features)
+    frozen_names = {n for n, _ in stages[0].named_parameters(prefix="")}  # the stem: never trained here
+    tuned = backbone_state(run(data, features=features, strategy="partial", unfreeze_stages=2, bn_mode="train"))
+    changed = [k for k in stats_keys(pretrained) if not torch.equal(pretrained[k], tuned[k])]
+    assert any(k.startswith("conv_head") or k.startswith("bn2") for k in changed), "trained stages' stats move"
+    assert all(k.startswith(("blocks.6", "bn2")) for k in changed), changed
+    assert frozen_names and all(not k.startswith(("conv_stem", "bn1.")) for k in changed)
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "fine_tune"])
+def test_adabn_reestimates_statistics_before_training_and_keeps_them(strategy, data, pretrained):
+    adapted = SPEC.build_features(pretrained=True)
+    adapt_batchnorm(adapted, data.train_x, PRE, CPU, Recorder())
+    expected = adapted.state_dict()
+    tuned = backbone_state(run(data, strategy=strategy, bn_mode="adabn"))
+    keys = stats_keys(pretrained)
+    assert all(torch.equal(expected[k], tuned[k]) for k in keys), "frozen after adaptation"
+    assert all(not torch.equal(pretrained[k], tuned[k]) for k in keys if k.endswith("running_mean"))
+
+
+# --- which weights train -----------------------------------------------------------------------
+
+def test_partial_frozen_stages_get_no_gradient_and_stay_bit_identical(data, pretrained):
+    features = SPEC.build_features(pretrained=True)
+    result = run(data, features=features, strategy="partial", unfreeze_stages=2)
+    stages = SPEC.stages(features)
+    frozen = [p for s in stages[:-2] for p in s.parameters()]
+    assert frozen and all(p.grad is None for p in frozen)
+    tuned = backbone_state(result)
+    prefix_trained = ("blocks.6.", "conv_head.", "bn2.")
+    assert all(torch.equal(pretrained[k], v) for k, v in tuned.items() if not k.startswith(prefix_trained))
+    assert any(not torch.equal(pretrained[k], v) for k, v in tuned.items()
+               if k.startswith(prefix_trained) and k.endswith("weight"))
+
+
+def test_gradual_trains_the_head_alone_first_then_one_more_stage_per_epoch(data, pretrained):
+    cfg = config(strategy="gradual")
+    assert [unfreeze_plan(cfg, 9)(e) for e in range(1, 12)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]
+    assert [unfreeze_plan(config(strategy="gradual", unfreeze_stages=2), 9)(e) for e in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    recorder = Recorder()
+    tuned = backbone_state(run(data, recorder, strategy="gradual", epochs=2))
+    assert [u["trainable_stages"] for u in recorder.updates if "val_accuracy" in u] == [0, 1]
+    last = ("conv_head.", "bn2.")  # the last stage: the only one trained, in epoch 2
+    assert all(torch.equal(pretrained[k], v) for k, v in tuned.items() if not k.startswith(last))
+
+
+def test_discriminative_rates_shrink_by_the_factor_per_stage_toward_the_input():
+    features = SPEC.build_features(pretrained=False)
+    classifier = Classifier(features, SPEC.feature_dim, 2)
+    stages = SPEC.stages(features)
+    groups, params = stage_param_groups(classifier, stages, 3, config(strategy="fine_tune", learning_rate=1e-3,
+                                                                      lr_stage_factor=0.5))
+    assert sorted({g["lr"] for g in groups}, reverse=True) == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    assert len(params) == sum(1 for s in stages[-3:] for _ in s.parameters())
+
+
+# --- regularization ------------------------------------------------------------------------------
+
+def test_l2sp_penalty_is_zero_at_the_pretrained_weights_and_grows_with_distance():
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
+    reference = [p.detach().clone() for p in params]
+    assert float(l2sp_penalty(params, reference).detach()) == 0.0
+    penalties = []
+    for step in (0.1, 0.2, 0.4):
+        moved = [nn.Parameter(r + step) for r in reference]
+        penalties.append(float(l2sp_penalty(moved, reference).detach()))
+    assert penalties[0] > 0 and penalties[1] == pytest.approx(4 * penalties[0]) and penalties[2] > penalties[1]
+
+
+def test_l2sp_keeps_fine_tuned_weights_closer_to_pretrained(data, pretrained):
+    def distance(**kw):
+        tuned = backbone_state(run(data, strategy="fine_tune", learning_rate=1e-2, weight_decay=0.0, **kw))
+        return sum(float(((tuned[k] - pretrained[k]) ** 2).sum()) for k in pretrained if k.endswith("weight"))
+    assert distance(l2sp=5.0) < distance()
+
+
+def test_label_smoothing_and_class_weighting_change_the_loss():
+    logits, y = torch.tensor([[4.0, -4.0], [4.0, -4.0], [-4.0, 4.0]]), torch.tensor([0, 0, 1])
+    plain = make_criterion(config(strategy="linear_probe"), y, 2, CPU)(logits, y)
+    smooth = make_criterion(config(strategy="linear_probe", label_smoothing=0.2), y, 2, CPU)(logits, y)
+    assert smooth > plain  # confident correct logits now cost something
+    assert class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist() == pytest.approx([2 / 3, 2.0])
+
+
+def test_balanced_sampler_draws_each_class_about_equally():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.cat([labels[i] for _ in range(20) for i in train_batches(labels, 32, "balanced", gen)])
+    assert 0.4 < float(drawn.float().mean()) < 0.6
+    shuffled = torch.cat([labels[i] for i in train_batches(labels, 32, "shuffle", gen)])
+    assert float(shuffled.float().mean()) == pytest.approx(0.1)
+
+
+def test_feature_l1_makes_the_hidden_layer_sparser(data):
+    def mean_hidden(l1):
+        result = run(data, strategy="linear_probe", head="mlp", hidden_dim=64, feature_l1=l1, epochs=20)
+        with torch.no_grad():
+            x = normalize(eval_crop(data.val_x, PRE), PRE)
+            _, hidden = result.classifier.head_with_representation(result.classifier.features(x))
+        return float(hidden.abs().mean())
+    assert mean_hidden(1.0) < 0.5 * mean_hidden(0.0)
+
+
+def test_dropout_is_active_in_training_only():
+    classifier = Classifier(nn.Identity(), 16, 3, head="mlp", hidden_dim=8, dropout=0.5)
+    x = torch.randn(4, 16)
+    classifier.train()
+    assert not torch.equal(classifier(x), classifier(x))
+    classifier.eval()
+    assert torch.equal(classifier(x), classifier(x))
+
+
+# --- augmentation and mixing ---------------------------------------------------------------------
+
+def test_mixup_produces_mixed_soft_targets():
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    y = torch.tensor([0, 1, 2, 0])
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    mixed, target = mix_batch(x, y, batch_mixer(1.0, 0.0, 3), 1.0, gen)
+    assert target.shape == (4, 3) and torch.allclose(target.sum(1), torch.ones(4))
+    assert ((target > 0).sum(1) >= 2).any(), "some rows mix two classes"
+    lam = target[1, 1]  # row 1 = lam * x1 + (1 - lam) * x0 (torchvision rolls the batch by one)
+    assert torch.allclose(mixed[1], lam * x[1] + (1 - lam) * x[0], atol=1e-5)
+    feats, ft = mix_batch(torch.randn(4, 10), y, batch_mixer(1.0, 0.0, 3), 1.0, gen)
+    assert feats.shape == (4, 10) and ft.shape == (4, 3)
+    same, labels = mix_batch(x, y, batch_mixer(1.0, 0.0, 3), 0.0, gen)
+    assert same is x and labels is y  # mix_prob 0: untouched
+
+
+def test_augmentation_presets(data):
+    img = data.train_x[0]
+    torch.manual_seed(0)
+    assert torch.equal(train_augmentation("none", PRE)(img), eval_crop(img, PRE))
+    light = train_augmentation("light", PRE)
+    assert not torch.equal(light(img), light(img))
+    names = [type(t).__name__ for t in train_augmentation("strong", PRE).transforms]
+    assert "TrivialAugmentWide" in names and "RandomErasing" in names
+
+
+def test_tta_flip_makes_predictions_mirror_invariant():
+    classifier = Classifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                          nn.Linear(4, 4)), 4, 2).eval()
+    x = torch.randn(2, 3, 9, 9)
+    assert not torch.allclose(classifier.predict_proba(x), classifier.predict_proba(x.flip(-1)))
+    classifier.tta_flip = True
+    assert torch.allclose(classifier.predict_proba(x), classifier.predict_proba(x.flip(-1)), atol=1e-6)
+
+
+# --- schedules and early stopping ----------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_schedules_warm_up_then_decay(schedule):
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    sched = make_scheduler(opt, config(strategy="fine_tune", schedule=schedule, warmup_fraction=0.2), 50)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = lrs.index(max(lrs))
+    assert 5 <= peak <= 12 and max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01
+    assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+
+
+def test_early_stopping_stops_at_patience_and_keeps_the_best_epoch():
+    module = nn.Linear(1, 1)
+    stopper = EarlyStopping("val_loss", patience=2)
+    losses = [1.0, 0.5, 0.6, 0.7, 0.4]
+    stops = []
+    for epoch, loss in enumerate(losses, start=1):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        stops.append(stopper.update({"epoch": epoch, "val_loss": loss, "val_accuracy": 0.5}, module))
+    assert stops == [False, False, False, True, False]
+    stopper.restore(module)
+    assert stopper.best["epoch"] == 5 and float(module.weight) == 5.0
+
+
+def test_training_stops_after_patience_epochs_without_improvement(data):
+    result = run(data, strategy="linear_probe", epochs=200, patience=3, monitor="val_loss", learning_rate=0.05)
+    m = result.metrics
+    assert m["stopped_early"] and m["epochs_run"] == m["best_epoch"] + 3 < 200
+    best = result.history[m["best_epoch"] - 1]
+    assert best["val_loss"] == min(h["val_loss"] for h in result.history)
+    assert {"train_loss", "val_loss", "val_accuracy", "lr"} <= set(best)
+
+
+# --- calibration and metrics ---------------------------------------------------------------------
+
+def test_temperature_scaling_lowers_nll_on_the_set_it_was_fitted_on():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (200,), generator=gen)
+    logits = torch.randn(200, 3, generator=gen) + 2.0 * nn.functional.one_hot(y, 3)
+    overconfident = 5 * logits
+    t = fit_temperature(overconfident, y)
+    assert t > 1 and nll(overconfident, y, t) < nll(overconfident, y)
+    probs = torch.softmax(overconfident, 1)
+    assert expected_calibration_error(torch.softmax(overconfident / t, 1), y) < expected_calibration_error(probs, y)
+
+
+def test_trained_model_reports_calibration_and_serves_calibrated_probabilities(data, tmp_path):
+    result = run(data, strategy="linear_probe", head="mlp", tta_flip=True, epochs=30, learning_rate=1e-2)
+    cal = result.metrics["calibration"]
+    assert cal["nll_after"] <= cal["nll_before"] and cal["bins"] == 15
+    assert result.classifier.temperature == pytest.approx(cal["temperature"], abs=1e-6)
+    manifest = {"backbone": SPEC.name, "classes": ["ants", "bees"], "preprocessing": PRE.to_dict()}
+    path, digest, _ = write_artifact(tmp_path, "m1", result.classifier, manifest)
+    serving = json.loads((path / "manifest.json").read_text())["serving"]
+    assert serving == {"head": "mlp", "hidden_dim": 512, "dropout": 0.0, "tta_flip": True,
+                       "temperature": result.classifier.temperature}
+    loaded = load_artifact(path, digest)
+    x = normalize(eval_crop(data.val_x, PRE), PRE)
+    expected = result.classifier.predict_proba(x)
+    assert torch.allclose(loaded.classifier.predict_proba(x), expected, atol=1e-5)
+    acc = float((expected.argmax(1) == data.val_y).float().mean())
+    assert acc == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
+
+
+def test_metrics_cover_balanced_accuracy_macro_f1_top5_and_ece():
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 4, 5])
+    probs = nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2, 3, 4, 5]), 6).float() * 0.9 + 0.1 / 6
+    m = classification_metrics(y, probs, list("abcdef"))
+    assert m["val_accuracy"] == pytest.approx(7 / 8) and m["balanced_accuracy"] == pytest.approx((2 / 3 + 5) / 6)
+    assert m["top5_accuracy"] == 1.0 and 0 < m["macro_f1"] < 1 and m["ece"] >= 0
+    assert "top5_accuracy" not in classification_metrics(y.clamp(max=1), probs[:, :2].softmax(1), ["a", "b"])
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, words", [
+    ({"strategy": "linear_probe", "cutmix_alpha": 1.0}, "cutmix"),
+    ({"strategy": "linear_probe", "bn_mode": "train"}, "bn_mode"),
+    ({"strategy": "linear_probe", "l2sp": 0.1}, "l2sp"),
+    ({"strategy": "linear_probe", "augmentation": "strong"}, "strong"),
+    ({"strategy": "fine_tune", "time_budget_s": 60}, "time_budget_s"),
+    ({"strategy": "fine_tune", "unfreeze_stages": 2}, "unfreeze_stages"),
+    ({"head": "linear", "hidden_dim": 64}, "hidden_dim"),
+    ({"mix_prob": 0.5}, "mix_prob"),
+    ({"class_weighting": "balanced", "sampler": "balanced"}, "twice"),
+    ({"dropout": 1.0}, "dropout"), ({"label_smoothing": 0.9}, "label_smoothing"),
+    ({"bn_mode": "moving"}, "bn_mode"), ({"schedule": "step"}, "schedule"),
+])
+def test_bad_options_are_rejected_with_a_reason(fields, words):
+    with pytest.raises(ValidationError) as err:
+        TrainConfig(**fields)
+    assert words in str(err.value)
+
+
+def test_explicit_strategies_are_filled_in_and_auto_leaves_choices_open():
+    assert TrainConfig().strategy == "auto" and TrainConfig().learning_rate is None
+    partial = TrainConfig(strategy="partial")
+    assert partial.unfreeze_stages == 2 and partial.head == "linear" and partial.tta_flip is False
+    assert TrainConfig.model_validate(partial.model_dump()) == partial  # a stored job re-validates unchanged
+    assert TrainConfig(strategy="fine_tune", mixup_alpha=0.2).mix_prob == 0.5
+
+
+# --- auto -------------------------------------------------------------------------------------------
+
+def test_auto_records_its_choice_and_the_choice_reproduces(data):
+    recorder = Recorder()
+    result = run(data, recorder, strategy="auto", epochs=None)  # default budget: no candidate is cut short
+    chosen = result.recipe
+    report = result.metrics["auto"]
+    assert chosen["strategy"] != "auto" and report["chosen"] == chosen
+    assert report["candidates"][0]["recipe"] == {"strategy": "linear_probe", "head": "linear", "learning_rate": 1e-3,
+                                                 "augmentation": "none", "tta_flip": False, "dropout": 0.0,
+                                                 "epochs": 60}
+    best = max(report["candidates"], key=lambda c: (c["val_accuracy"], -c["val_loss"]))
+    assert result.metrics["val_accuracy"] == best["val_accuracy"] >= report["candidates"][0]["val_accuracy"]
+    assert any(u.get("auto_choice") for u in recorder.updates)
+    again = train(TrainConfig.model_validate(chosen), data, SPEC.build_features(pretrained=True), SPEC.feature_dim,
+                  Recorder(), CPU)
+    assert again.metrics["val_accuracy"] == result.metrics["val_accuracy"]
+    assert again.metrics["val_loss"] == result.metrics["val_loss"]
+
+
+def test_auto_keeps_what_the_user_fixed_and_skips_what_contradicts_it(data):
+    cfg = config(strategy="auto", head="mlp", cutmix_alpha=1.0, epochs=None)
+    assert auto.candidate(cfg, {"strategy": "linear_probe", **auto.PROBE_GRID[0]}) is None  # no cutmix on a probe
+    tuned = auto.candidate(cfg, {"strategy": "fine_tune", "head": "linear", "learning_rate": 5e-4})
+    assert tuned.head == "mlp" and tuned.learning_rate == 5e-4 and tuned.cutmix_alpha == 1.0
+    assert auto.plan_fine_tuning(cfg, data, "cpu", seconds_left=1e-3) == []  # no time, no fine-tuning
+    assert [c.strategy for c in auto.plan_fine_tuning(cfg, data, "cpu", seconds_left=600)] == ["fine_tune"]
+    assert {c.strategy for c in auto.plan_fine_tuning(cfg, data, "cuda", seconds_left=600)} == {"fine_tune", "partial"}
+
+
+def test_auto_fine_tunes_when_the_user_asks_for_what_a_probe_cannot_do(data):
+    result = run(data, strategy="auto", cutmix_alpha=1.0, epochs=2)
+    assert result.recipe["strategy"] == "fine_tune" and result.recipe["cutmix_alpha"] == 1.0
+    assert result.recipe["epochs"] == 2 and len(result.history) == 2
+
+
+def test_contradictory_job_options_are_a_422_saying_what_is_allowed(settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    with TestClient(create_app(settings)) as client:
+        resp = client.post("/v1/jobs", json={"dataset_id": "any", "strategy": "linear_probe", "cutmix_alpha": 1.0})
+    assert resp.status_code == 422 and resp.headers["content-type"].startswith("application/problem+json")
+    assert "cutmix" in resp.json()["detail"] and "mixup_alpha" in resp.json()["detail"]

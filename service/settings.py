@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     retry_backoff_s: float = Field(2.0, ge=0)
     cancel_poll_s: float = Field(1.0, gt=0, description="how often a running job checks for cancel")
+    checkpoint_interval_s: float = Field(30.0, ge=0, description="at most one epoch checkpoint per this long; "
+                                         "the first epoch is always saved")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time to finish the job "
                                     "before it is checkpointed and handed back")
     worker_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",

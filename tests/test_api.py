@@ -151,7 +151,7 @@ def test_job_is_queued_with_defaults_filled_in(client, dataset_id):
     assert job["status"] == "queued" and job["model_id"] is None
     cfg = job["config"]
     assert cfg["backbone"] == "efficientnet_lite0" and cfg["strategy"] == "auto"
-    assert cfg["epochs"] >= 1 and cfg["learning_rate"] > 0 and cfg["image_size"] == 224
+    assert cfg["image_size"] == 224 and cfg["epochs"] is None and cfg["learning_rate"] is None  # auto chooses
     assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
     assert [j["id"] for j in client.get("/v1/jobs", params={"status": "queued"}).json()] == [job["id"]]
 

@@ -270,7 +270,7 @@ def test_early_stopping_stops_at_patience_and_keeps_the_best_epoch():
         stops.append(stopper.update({"epoch": epoch, "val_loss": loss, "val_accuracy": 0.5}, module))
     assert stops == [False, False, False, True, False]
     stopper.restore(module)
-    assert stopper.best["epoch"] == 5 and float(module.weight) == 5.0
+    assert stopper.best["epoch"] == 5 and float(module.weight.detach()) == 5.0
 
 
 def test_training_stops_after_patience_epochs_without_improvement(data):

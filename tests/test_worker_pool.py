@@ -30,6 +30,7 @@ LONG_JOB = {"strategy": "fine_tune", "image_size": 64, "epochs": 300, "batch_siz
 def pool_settings(postgres_url, tmp_path) -> Settings:
     s = Settings(data_dir=tmp_path / "data", database_url=postgres_url, heartbeat_interval_s=HEARTBEAT_S,
                  poll_interval_s=0.1, retry_backoff_s=0.2, cancel_poll_s=0.2, reaper_in_api=False,
+                 max_concurrent_jobs=0,
                  min_images_per_class=2)  # the tiny fixture dataset below has 3 per class
     s.ensure_dirs()
     return s
@@ -65,7 +66,7 @@ class Workers:
         self.env = {**os.environ, "GRAFT_DATABASE_URL": settings.database_url,
                     "GRAFT_DATA_DIR": str(settings.data_dir), "GRAFT_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
                     "GRAFT_POLL_INTERVAL_S": "0.1", "GRAFT_RETRY_BACKOFF_S": "0.2",
-                    "GRAFT_CANCEL_POLL_S": "0.2", "GRAFT_TORCH_THREADS": "1"}
+                    "GRAFT_CANCEL_POLL_S": "0.2", "GRAFT_TORCH_THREADS": "1", "GRAFT_CHECKPOINT_INTERVAL_S": "0"}
         self.log_dir = settings.data_dir
         self.procs: list[subprocess.Popen] = []
 

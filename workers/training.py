@@ -76,12 +76,12 @@ def train(config: TrainConfig, data: PreparedData, features: nn.Module, feature_
     if config.strategy == "auto":
         from workers.auto import train_auto  # auto builds on this module
         return train_auto(config, data, features, feature_dim, control, device)
-    return train_recipe(config, data, features, feature_dim, control, device)
+    return train_recipe(config, data, features, feature_dim, control, device, checkpoints=True)
 
 
 def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
                  control: Control, device: torch.device, cache: FeatureCache | None = None,
-                 deadline: float | None = None) -> TrainResult:
+                 deadline: float | None = None, checkpoints: bool = False) -> TrainResult:
     """One explicit recipe. A linear probe may be handed a `cache` of the same backbone's features.
     With a `deadline` (time.perf_counter()), fine-tuning ends after the last epoch that fits."""
     torch.manual_seed(config.seed)
@@ -102,7 +102,7 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
         with single_thread(device):
             history, val_logits, seen = fit_head(config, classifier, cache, data.train_y, data.val_y, control)
     else:
-        history, seen = fine_tune(config, data, classifier, control, device, deadline)
+        history, seen = fine_tune(config, data, classifier, control, device, deadline, checkpoints)
         classifier.eval()
         val_logits = _logits(classifier, data.val_x, data.preprocessing, device, control, bool(config.tta_flip))
     seconds = time.perf_counter() - started
@@ -361,6 +361,28 @@ def _best_report(history: list[dict], monitor: str) -> dict:
     return max(history, key=lambda h: _score(h, monitor))
 
 
+def training_state(epoch: int, classifier: Classifier, opt, sched, gen: torch.Generator,
+                   stopper: "EarlyStopping", history: list[dict], seen: int) -> dict:
+    """Everything an epoch's end needs to continue exactly: weights, optimizer, schedule, RNGs,
+    early-stopping memory and history (tensors and plain values only: weights_only loadable)."""
+    return {"epoch": epoch, "model": classifier.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "best": stopper.best, "best_state": stopper.best_state, "bad_epochs": stopper.bad_epochs,
+            "history": history, "seen": seen}
+
+
+def restore_training_state(state: dict, classifier: Classifier, opt, sched, gen: torch.Generator,
+                           stopper: "EarlyStopping") -> tuple[list[dict], int, int]:
+    """Load a `training_state`; returns (history, images seen, the epoch to run next)."""
+    classifier.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    stopper.best, stopper.best_state, stopper.bad_epochs = state["best"], state["best_state"], state["bad_epochs"]
+    return list(state["history"]), int(state["seen"]), int(state["epoch"]) + 1
+
+
 class EarlyStopping:
     """Keeps the best epoch's weights by `monitor`; says stop after `patience` epochs without a gain."""
 
@@ -506,14 +528,19 @@ def stage_param_groups(classifier: Classifier, stages: list[nn.Module], trained:
 
 
 def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, control: Control,
-              device: torch.device, deadline: float | None = None) -> tuple[list[dict], int]:
+              device: torch.device, deadline: float | None = None,
+              checkpoints: bool = False) -> tuple[list[dict], int]:
+    """With `checkpoints`, each epoch's end is saved through the control (when it can), and a
+    retried job resumes after the last saved epoch with the same result as an uninterrupted run."""
+    resume = control.resume_state() if checkpoints and hasattr(control, "resume_state") else None
+    save = control.save_checkpoint if checkpoints and hasattr(control, "save_checkpoint") else None
     pre = data.preprocessing
     stages = get_backbone(config.backbone).stages(classifier.features)
     plan = unfreeze_plan(config, len(stages))
     most = max(plan(e) for e in range(1, config.epochs + 1))
     for p in classifier.features.parameters():
         p.requires_grad_(False)
-    if config.bn_mode == "adabn":
+    if config.bn_mode == "adabn" and resume is None:  # a resumed run restores the adapted statistics
         adapt_batchnorm(classifier.features, data.train_x, pre, device, control)
     groups, backbone_params = stage_param_groups(classifier, stages, most, config)
     reference = [p.detach().clone() for p in backbone_params] if config.l2sp else []
@@ -526,8 +553,10 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
     mixer = batch_mixer(config.mixup_alpha, config.cutmix_alpha, len(data.classes))
     gen = torch.Generator().manual_seed(config.seed)
     stopper = EarlyStopping(config.monitor, config.patience)
-    history, seen = [], 0
-    for epoch in range(1, config.epochs + 1):
+    history, seen, first_epoch = [], 0, 1
+    if resume is not None:
+        history, seen, first_epoch = restore_training_state(resume, classifier, opt, sched, gen, stopper)
+    for epoch in range(first_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         trainable = plan(epoch)
         for i, stage in enumerate(stages):
@@ -564,6 +593,8 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
         control.progress({"phase": "training", **report})
         if stop:
             break
+        if save is not None and epoch < config.epochs:
+            save(epoch, training_state(epoch, classifier, opt, sched, gen, stopper, history, seen))
         if deadline is not None and epoch < config.epochs and 2 * time.perf_counter() - epoch_started > deadline:
             report["deadline"] = True  # the next epoch would not end before the deadline
             break

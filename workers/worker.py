@@ -58,6 +58,7 @@ class LeaseControl:
         self._progress: dict = {}
         self._last_write = 0.0
         self._train_started: float | None = None
+        self._last_checkpoint: float | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
@@ -93,7 +94,12 @@ class LeaseControl:
             raise StopJob("shutdown")
 
     def save_checkpoint(self, epoch: int, state: dict) -> None:
-        """Training loops call this at each epoch end; a retry of the job resumes from it."""
+        """Training loops call this at each epoch end; a retry of the job resumes from it.
+        Saved at most every `checkpoint_interval_s`: short epochs should not pay for a write each."""
+        now = time.monotonic()
+        if self._last_checkpoint is not None and now - self._last_checkpoint < self.settings.checkpoint_interval_s:
+            return
+        self._last_checkpoint = now
         data_dir = self.settings.data_dir
         relative = write_checkpoint(data_dir, self.claim.job_id, self.claim.lease_token, epoch, state)
         if self.queue.record_checkpoint(self.claim, epoch, relative):
@@ -234,10 +240,10 @@ class Worker:
         metrics = {**result.metrics, "history": result.history, "device": str(self.device)}
         manifest = {"model_id": model_id, "job_id": claim.job_id, "dataset_id": claim.dataset_id,
                     "backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict(),
-                    "recipe": config.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat()}
+                    "recipe": result.recipe, "metrics": metrics, "created_at": utcnow().isoformat()}
         path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest)
         model = Model(id=model_id, project_id=claim.project_id, job_id=claim.job_id, dataset_id=claim.dataset_id,
-                      backbone=spec.name, classes=data.classes, metrics=metrics, recipe=config.model_dump(),
+                      backbone=spec.name, classes=data.classes, metrics=metrics, recipe=result.recipe,
                       artifact_dir=str(path.relative_to(self.settings.data_dir)), sha256=digest,
                       size_bytes=size)
         if not self.queue.publish(claim, model):

@@ -25,7 +25,8 @@ from service.tables import Dataset, DatasetImage, Job, Model
 
 MAX_LISTED_IN_ERRORS = 1000
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
-_COPIED_COLUMNS = ("sha256", "label", "split", "original_name", "width", "height", "mode", "format", "phash")
+_COPIED_COLUMNS = ("sha256", "label", "split", "original_name", "width", "height", "mode", "format", "phash",
+                   "size_bytes")
 
 
 def _check_id(id_: object, what: str) -> None:
@@ -177,7 +178,7 @@ def _writable(session: Session, dataset: Dataset) -> Dataset:
 def _insert_images(session: Session, dataset_id: str, images: list[IngestedImage]) -> None:
     session.add_all(DatasetImage(dataset_id=dataset_id, sha256=i.sha256, label=i.label, split=i.split,
                                  original_name=i.original_name, width=i.width, height=i.height,
-                                 mode=i.mode, format=i.format, phash=i.phash)
+                                 mode=i.mode, format=i.format, phash=i.phash, size_bytes=i.size_bytes)
                     for i in images)
     session.flush()
 

@@ -52,6 +52,7 @@ class IngestedImage:
     mode: str
     format: str
     phash: str
+    size_bytes: int = 0
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Intake:
                                   f"at most {self.settings.max_images_per_dataset}")
         self.stage.put(data)
         self._by_sha[sha] = [IngestedImage(sha, label, split, path, info.width, info.height, info.mode,
-                                           info.format, info.phash)]
+                                           info.format, info.phash, len(data))]
 
     def _note_duplicate(self, kept: IngestedImage, path: str) -> None:
         group = self._duplicates.setdefault((kept.sha256, kept.label),

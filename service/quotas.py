@@ -6,9 +6,10 @@ from sqlalchemy.orm import Session
 
 from service.errors import Forbidden, TooManyRequests
 from service.settings import Settings
-from service.tables import Dataset, Job, Project
+from service.tables import Dataset, DatasetImage, Job, Project
 
-QUOTA_NAMES = ("max_concurrent_jobs", "max_datasets", "predict_rate_per_minute", "upload_rate_per_minute")
+QUOTA_NAMES = ("max_concurrent_jobs", "max_datasets", "max_stored_bytes", "predict_rate_per_minute",
+               "upload_rate_per_minute")
 
 
 def quota(session: Session, settings: Settings, project_id: str, name: str) -> int:
@@ -32,3 +33,19 @@ def check_new_dataset(session: Session, settings: Settings, project_id: str) -> 
     if limit and count >= limit:
         raise Forbidden(f"this project has {count} datasets, its limit of {limit}; ask an admin to raise "
                         "the project's max_datasets quota")
+
+
+def stored_bytes(session: Session, project_id: str) -> int:
+    """Bytes of the distinct images the project's datasets hold (versions share their images)."""
+    distinct = (select(DatasetImage.sha256, DatasetImage.size_bytes).join(Dataset, Dataset.id == DatasetImage.dataset_id)
+                .where(Dataset.project_id == project_id).distinct().subquery())
+    return int(session.scalar(select(func.coalesce(func.sum(distinct.c.size_bytes), 0))))
+
+
+def check_storage(session: Session, settings: Settings, project_id: str, adding: int) -> None:
+    """Before new images are kept: refuse what would take the project past its storage quota."""
+    limit = quota(session, settings, project_id, "max_stored_bytes")
+    used = stored_bytes(session, project_id) if limit else 0
+    if limit and used + adding > limit:
+        raise Forbidden(f"this upload adds {adding} bytes to the {used} this project stores; its quota is "
+                        f"{limit} bytes. Remove datasets or images, or ask an admin to raise max_stored_bytes")

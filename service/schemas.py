@@ -211,7 +211,8 @@ class WorkerOut(Out):
     current_job_id: str | None
 
 
-QuotaName = Literal["max_concurrent_jobs", "max_datasets", "predict_rate_per_minute", "upload_rate_per_minute"]
+QuotaName = Literal["max_concurrent_jobs", "max_datasets", "max_stored_bytes", "predict_rate_per_minute",
+                   "upload_rate_per_minute"]
 Scope = Literal["admin", "train", "predict"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, select
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from service.db import Base, UTCDateTime, utcnow
@@ -56,6 +56,7 @@ class DatasetImage(Base):
     mode: Mapped[str | None] = mapped_column(String(16))  # as stored in the file, before RGB
     format: Mapped[str | None] = mapped_column(String(16))
     phash: Mapped[str | None] = mapped_column(String(16))  # perceptual hash, 16 hex digits
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # counts toward the project's storage quota
 
 
 class Job(Base):

@@ -216,3 +216,18 @@ def test_openapi_declares_the_bearer_scheme(settings):
     assert schema["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http", "scheme": "bearer", "description": "A Graft API key: `Authorization: Bearer graft_...`"}
     assert {"ApiKey": []} in schema["paths"]["/v1/datasets"]["post"]["security"]
+
+
+def test_storage_quota_refuses_uploads_past_it_and_keeps_nothing(secured):
+    db = Database(secured.database_url)
+    with db.session() as s:
+        project = create_project(s, "small", quotas={"max_stored_bytes": 1_000_000})
+        _, key = create_key(s, project.id, "k", "train")
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(secured)) as client:
+        first = client.post("/v1/datasets", files={"file": ("a.zip", subset_zip(2, 1))}, headers=headers)
+        assert first.status_code == 201, first.text
+        again = client.post("/v1/datasets", files={"file": ("b.zip", subset_zip(6, 3))}, headers=headers)
+        assert again.status_code == 403 and "quota" in again.json()["detail"]
+        assert [d["id"] for d in client.get("/v1/datasets", headers=headers).json()] == [first.json()["id"]]
+    db.dispose()

@@ -1,7 +1,6 @@
 """Each recipe option has the effect it promises, on a dozen real photos at 64 px."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -9,54 +8,26 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tests.conftest import hymenoptera_files
+from tests.training_support import PRE, SPEC, Recorder, one_thread, tiny_data  # noqa: F401
 from workers import auto
 from workers.artifacts import Classifier, load_artifact, write_artifact
-from workers.backbones import get_backbone
 from workers.calibration import expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.metrics import classification_metrics
-from workers.preprocessing import batch_mixer, decode_square, eval_crop, mix_batch, normalize, train_augmentation
+from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, train_augmentation
 from workers.training import (EarlyStopping, PreparedData, adapt_batchnorm, class_weights, l2sp_penalty,
                               make_criterion, make_scheduler, stage_param_groups, train, train_batches,
                               unfreeze_plan)
 
-SPEC = get_backbone("efficientnet_lite0")
-PRE = SPEC.preprocessing.at_size(64)
 CPU = torch.device("cpu")
 
 
-class Recorder:
-    def __init__(self):
-        self.updates = []
-
-    def checkpoint(self):
-        pass
-
-    def progress(self, update):
-        self.updates.append(update)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    def load(split, n):
-        xs, ys = [], []
-        for y, label in enumerate(("ants", "bees")):
-            for p in hymenoptera_files(split, label)[:n]:
-                xs.append(decode_square(p.read_bytes(), PRE))
-                ys.append(y)
-        return torch.stack(xs), torch.tensor(ys)
-    (tx, ty), (vx, vy) = load("train", 6), load("val", 3)
-    return PreparedData(["ants", "bees"], PRE, tx, ty, vx, vy)
+    return tiny_data()
 
 
 @pytest.fixture(scope="module")

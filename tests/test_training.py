@@ -5,48 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import hymenoptera_files
-from workers.backbones import get_backbone
+from tests.training_support import PRE, SPEC, Recorder, one_thread, tiny_data  # noqa: F401
 from workers.config import TrainConfig
 from workers.data import stratified_split
-from workers.preprocessing import decode_square
 from workers.training import PreparedData, _param_groups, train
 
-SPEC = get_backbone("efficientnet_lite0")
-PRE = SPEC.preprocessing.at_size(64)
 
 
-class Recorder:
-    def __init__(self):
-        self.updates = []
-
-    def checkpoint(self):
-        pass
-
-    def progress(self, update):
-        self.updates.append(update)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    def load(split, n):
-        xs, ys = [], []
-        for y, label in enumerate(("ants", "bees")):
-            for p in hymenoptera_files(split, label)[:n]:
-                xs.append(decode_square(p.read_bytes(), PRE))
-                ys.append(y)
-        return torch.stack(xs), torch.tensor(ys)
-    (tx, ty), (vx, vy) = load("train", 6), load("val", 3)
-    return PreparedData(["ants", "bees"], PRE, tx, ty, vx, vy)
+    return tiny_data()
 
 
 def run(strategy: str, data: PreparedData, **overrides):

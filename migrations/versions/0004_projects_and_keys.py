@@ -1,4 +1,5 @@
-"""projects and API keys; every dataset, job and model belongs to a project.
+"""projects and API keys; every dataset, job and model belongs to a project; image sizes for
+the storage quota.
 Also joins the two branches (0002_datasets, 0003_worker_pool) into one head.
 
 Revision ID: 0004_projects_and_keys
@@ -49,6 +50,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_api_key_project_id"), ["project_id"], unique=False)
     # A plain indexed column, no foreign key: SQLite cannot ALTER TABLE ADD a referencing column
     # with a non-NULL default, and a table rebuild is refused by the keys pointing at these tables.
+    with op.batch_alter_table("dataset_image", recreate="never") as batch_op:
+        batch_op.add_column(sa.Column("size_bytes", sa.BigInteger(), nullable=False, server_default="0"))
     for table in OWNED:
         with op.batch_alter_table(table, recreate="never") as batch_op:
             batch_op.add_column(sa.Column("project_id", sa.String(length=32), nullable=False,
@@ -61,6 +64,8 @@ def downgrade() -> None:
         with op.batch_alter_table(table, recreate="never") as batch_op:
             batch_op.drop_index(batch_op.f(f"ix_{table}_project_id"))
             batch_op.drop_column("project_id")
+    with op.batch_alter_table("dataset_image", recreate="never") as batch_op:
+        batch_op.drop_column("size_bytes")
     with op.batch_alter_table("api_key") as batch_op:
         batch_op.drop_index(batch_op.f("ix_api_key_project_id"))
     op.drop_table("api_key")

@@ -33,6 +33,7 @@ def upload_dataset(caller: TrainCaller, session: SessionDep, blobs: BlobsDep, se
     quotas.check_new_dataset(session, settings, caller.project_id)
     with blobs.staging(settings.tmp_dir) as stage:
         result = ingest_zip(file.file, stage, settings)
+        quotas.check_storage(session, settings, caller.project_id, sum(i.size_bytes for i in result.images))
         default_name = clean_filename(file.filename, "dataset").removesuffix(".zip")[:200] or "dataset"
         dataset = catalog.create_dataset(session, clean_text(name or "", 200) or default_name, result, settings,
                                          caller.project_id)
@@ -82,6 +83,7 @@ def add_images(dataset_id: str, caller: TrainCaller, session: SessionDep, blobs:
     with blobs.staging(settings.tmp_dir) as stage:
         dataset, result = catalog.add_images(session, stage, dataset_id, ((f.filename, f.file) for f in file),
                                              label, split, settings, caller.project_id)
+        quotas.check_storage(session, settings, caller.project_id, 0)  # counts the rows just added; rolls back
         stage.commit(img.sha256 for img in result.images)
     return dataset_out(session, dataset, settings)
 

@@ -7,6 +7,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import hypothesis
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -17,6 +18,13 @@ from service.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 PG_ADMIN_URL = os.environ.get("GRAFT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+# In CI the property tests and fuzzers replay the same examples each run (a red build is then
+# reproducible); elsewhere they explore new ones.
+hypothesis.settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 
 def pytest_configure(config):

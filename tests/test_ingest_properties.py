@@ -68,6 +68,8 @@ def _zip(entries) -> bytes:
     with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         warnings.simplefilter("ignore", UserWarning)  # duplicate names are part of the input space
         for name, data in entries:
+            if not zipfile.ZipInfo(name or "unnamed").filename:
+                continue  # zipfile itself cannot write a name that is empty once cut at a NUL
             zf.writestr(name or "unnamed", data)
     return buf.getvalue()
 

@@ -161,11 +161,6 @@ class JobQueue:
                             .execution_options(synchronize_session=False))
         return res.rowcount == 1
 
-    def warn(self, claim: Claim, message: str) -> None:
-        with self.db.session() as s:
-            if s.execute(select(Job.id).where(self._leased(claim))).first():
-                add_event(s, claim.job_id, "warning", message=message)
-
     def publish(self, claim: Claim, model: Model) -> bool:
         """Insert the model row and mark the job succeeded in one transaction, only under lease."""
         model.id = model.id or new_id()

@@ -8,10 +8,6 @@ from service.errors import Forbidden, TooManyRequests
 from service.settings import Settings
 from service.tables import Dataset, DatasetImage, Job, Project
 
-QUOTA_NAMES = ("max_concurrent_jobs", "max_datasets", "max_stored_bytes", "predict_rate_per_minute",
-               "upload_rate_per_minute")
-
-
 def quota(session: Session, settings: Settings, project_id: str, name: str) -> int:
     project = session.get(Project, project_id)
     overrides = project.quotas if project is not None else {}

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from workers.backbones import BACKBONES, DEFAULT_BACKBONE
 
 Strategy = Literal["auto", "linear_probe", "fine_tune", "partial", "gradual"]
-FINE_TUNING = ("fine_tune", "partial", "gradual")  # strategies that train backbone weights
 Augmentation = Literal["none", "light", "strong"]
 BnMode = Literal["frozen", "train", "adabn"]
 Head = Literal["linear", "mlp"]
@@ -118,10 +117,6 @@ class TrainConfig(BaseModel):
         if (self.mixup_alpha or self.cutmix_alpha) and self.mix_prob is None:
             self.mix_prob = MIX_PROB_DEFAULT
         return self
-
-    @property
-    def trains_backbone(self) -> bool:
-        return self.strategy in FINE_TUNING
 
 
 def _check_combinations(c: TrainConfig) -> None:

@@ -246,14 +246,6 @@ def _logits(classifier: Classifier, x_u8, pre, device, control, tta_flip: bool =
     return logits.cpu()
 
 
-class _NoControl:
-    def checkpoint(self) -> None:
-        pass
-
-    def progress(self, update: dict) -> None:
-        pass
-
-
 # --- BatchNorm policy -------------------------------------------------------------------------
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -8,6 +8,7 @@ const state = {
   datasets: [], jobs: [], models: [],
   history: {},         // job id -> [{epoch, epochs, train_loss, val_loss, val_accuracy}]
   followed: new Set(), // job ids whose events we are reading (stream or polling)
+  historyLoaded: new Set(), // ended job ids whose epochs were read from the event log
   streams: 0,          // open event streams
   selectedModel: null,
   uploadFile: null,
@@ -184,6 +185,15 @@ function recordEpoch(jobId, data) {
   if (!history.some((h) => h.epoch === data.epoch)) history.push({ ...data });
 }
 
+// A job that ended before we followed it (a fast job, or a page opened later) has no live
+// history: read its epochs once from the event log.
+async function loadHistory(jobId) {
+  if ((state.history[jobId] || []).length > 1 || state.historyLoaded.has(jobId)) return;
+  state.historyLoaded.add(jobId);
+  const events = await api(`/v1/jobs/${jobId}/events`);
+  for (const e of events) if (e.kind === "epoch") recordEpoch(jobId, e.data);
+}
+
 function updateJob(jobId, patch) {
   const job = state.jobs.find((j) => j.id === jobId);
   if (!job) return;
@@ -200,6 +210,7 @@ function updateJob(jobId, patch) {
 async function jobFinished(jobId) {
   const job = await api(`/v1/jobs/${jobId}`);
   Object.assign(state.jobs.find((j) => j.id === jobId) || {}, job);
+  await loadHistory(jobId);
   renderJobs();
   await refreshModels();
   if (job.model_id) await selectModel(job.model_id);
@@ -316,6 +327,8 @@ async function refreshJobs() {
   for (const j of state.jobs) {
     if (j.status === "running") followJob(j.id); // queued ones are refreshed with this list
   }
+  await Promise.all(state.jobs.slice(0, 12).filter((j) => TERMINAL.includes(j.status))
+    .map((j) => loadHistory(j.id).catch(() => {})));
   renderJobs();
 }
 

@@ -1,21 +1,29 @@
-"""Prediction under load: wrk against a running Graft, compared with the bare model forward.
+"""Prediction under load: many clients against a running Graft, compared with the bare model forward.
 
-    python bench/predict_load.py          # starts its own server, trains a linear probe first
-    python bench/predict_load.py --url http://127.0.0.1:8000 --model MODEL_ID
+    python bench/predict_load.py                    # starts its own server, trains a linear probe first
+    python bench/predict_load.py --files-per-request 64 --clients 1,4,8 --device cuda
+    python bench/predict_load.py --url http://127.0.0.1:8000 --model MODEL_ID [--data-dir DIR]
 
-Sends one 500x375 JPEG per request (multipart) at 1, 4 and 16 concurrent connections for
---seconds each and prints p50/p95/p99 latency and images/s, next to the bare single-image rate
-of the same model measured in this process (forward only, and decode + preprocess + forward).
-Needs `wrk` (Debian/Ubuntu: apt-get install wrk).
+Each request carries --files-per-request copies of one 500x375 JPEG (multipart). At each client
+count (--clients, each client sends its next request as soon as the last one is answered) it
+runs for --seconds and prints p50/p95/p99 latency and images/s, next to the bare rate of the same
+model measured in this process at the same batch size on the same device: the forward alone, and
+decode + preprocess + forward the way /predict did it before the inference engine. The load comes
+from wrk where it is installed (apt-get install wrk) and otherwise, or with --generator python,
+from Python threads holding one HTTP connection each (its own CPU cost then counts against the
+server's on a small machine). --device is passed to the server as GRAFT_PREDICT_DEVICE.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,25 +31,30 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import DEFAULT_DATASET, own_server, zip_folder  # noqa: E402
+from e2e import DEFAULT_DATASET, own_server, percentile, zip_folder  # noqa: E402
 
 IMAGE = DEFAULT_DATASET / "val" / "ants" / "10308379_1b6c72e180.jpg"  # 500x375 JPEG
 BOUNDARY = "graftbenchboundary"
 
 WRK_SCRIPT = """
-local f = io.open("{image}", "rb")
-local img = f:read("*all")
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
 f:close()
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"
-wrk.body = "--{boundary}\\r\\nContent-Disposition: form-data; name=\\"file\\"; filename=\\"x.jpg\\"\\r\\n" ..
-           "Content-Type: image/jpeg\\r\\n\\r\\n" .. img .. "\\r\\n--{boundary}--\\r\\n"
 done = function(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  local e = summary.errors
+  local errors = e.status + e.connect + e.read + e.write + e.timeout
   io.write(string.format("RESULT %d %d %f %f %f %f\\n", summary.requests, errors, summary.duration / 1e6,
     latency:percentile(50) / 1e3, latency:percentile(95) / 1e3, latency:percentile(99) / 1e3))
 end
 """
+
+
+def multipart_body(image: bytes, files: int) -> bytes:
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x{i}.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n" for i in range(files)]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def train_model(url: str) -> str:
@@ -55,52 +68,129 @@ def train_model(url: str) -> str:
     return job["model_id"]
 
 
-def bare_rates(data_dir: Path | None, url: str, model_id: str, seconds: float) -> dict:
-    """Single-image rate of the same model in this process: forward only, and with decoding."""
-    from service.predictor import predict
+def bare_rates(data_dir: Path | None, url: str, model_id: str, image: bytes, batch: int, device: torch.device,
+               seconds: float) -> dict:
+    """The same model in this process at the same batch size: forward only, and decode + forward."""
+    from service.inference import default_threads, freeze_for_cpu
     from workers.artifacts import load_artifact
     from workers.preprocessing import decode_square, eval_crop, normalize
 
-    row = httpx.get(f"{url}/v1/models/{model_id}").json()
     if data_dir is None:
         return {}
+    row = httpx.get(f"{url}/v1/models/{model_id}").json()
     model = load_artifact(data_dir / "models" / model_id, row["sha256"])
-    data = IMAGE.read_bytes()
-    x = normalize(eval_crop(decode_square(data, model.preprocessing)[None], model.preprocessing), model.preprocessing)
+    pre, classifier = model.preprocessing, model.classifier.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def inputs():
+        return normalize(eval_crop(torch.stack([decode_square(image, pre) for _ in range(batch)]), pre).to(device), pre)
+
+    x = inputs()
 
     def rate(fn) -> float:
-        fn()
+        for _ in range(3):  # warm-up: kernel selection, caches
+            fn()
+        sync()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             fn()
             n += 1
-        return n / (time.perf_counter() - start)
+        sync()
+        return n * batch / (time.perf_counter() - start)
 
-    with torch.inference_mode():
-        forward = rate(lambda: model.classifier(x))
-    full = rate(lambda: predict(model, [("x.jpg", data)], 1))
-    return {"bare_forward_img_s": round(forward, 1), "bare_forward_ms": round(1000 / forward, 2),
-            "bare_decode_forward_img_s": round(full, 1), "bare_decode_forward_ms": round(1000 / full, 2)}
+    with torch.inference_mode(), autocast:
+        forward = rate(lambda: classifier(x))
+        full = rate(lambda: classifier.predict_proba(inputs()).cpu())
+    out = {"batch": batch, "bare_forward_img_s": round(forward, 1), "bare_forward_ms": round(1000 * batch / forward, 2),
+           "bare_decode_forward_img_s": round(full, 1), "bare_decode_forward_ms": round(1000 * batch / full, 2)}
+    frozen = freeze_for_cpu(classifier.features, pre.input_size) if device.type == "cpu" else None
+    if frozen is not None:  # what the server's engine runs on a CPU: frozen, on its thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(default_threads())
+        with torch.inference_mode():
+            out["bare_forward_frozen_img_s"] = round(rate(lambda: classifier.head_logits(frozen(x))), 1)
+        out["bare_forward_frozen_threads"] = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    return out
 
 
-def run_wrk(url: str, model_id: str, connections: int, seconds: int, script: Path) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-                          f"{url}/v1/models/{model_id}/predict?top_k=1"], capture_output=True, text=True, check=True)
+def run_wrk(url: str, clients: int, seconds: int, script: Path) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True)
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
     requests, errors, duration, p50, p95, p99 = line.split()[1:]
-    return {"clients": connections, "requests": int(requests), "errors": int(errors),
-            "images_per_s": round(int(requests) / float(duration), 1),
-            "p50_ms": round(float(p50), 1), "p95_ms": round(float(p95), 1), "p99_ms": round(float(p99), 1)}
+    return {"requests": int(requests), "errors": int(errors), "seconds": float(duration),
+            "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
 
 
-def measure(url: str, model_id: str, data_dir: Path | None, seconds: int) -> dict:
-    script = Path(tempfile.mkdtemp()) / "predict.lua"
-    script.write_text(WRK_SCRIPT.format(image=IMAGE, boundary=BOUNDARY))
-    result = {"model_id": model_id, **bare_rates(data_dir, url, model_id, 5.0)}
-    result["load"] = [run_wrk(url, model_id, c, seconds, script) for c in (1, 4, 16)]
-    if "bare_forward_img_s" in result:
-        for row in result["load"]:
-            row["vs_bare_forward"] = round(row["images_per_s"] / result["bare_forward_img_s"], 3)
+def run_python(url: str, clients: int, seconds: int, body: bytes) -> dict:
+    """Closed-loop clients on threads, one keep-alive connection each (the same load shape as wrk)."""
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    latencies: list[float] = []
+    counts = {"requests": 0, "errors": 0}
+    lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+    stop_at: list[float] = []
+
+    def client():
+        with httpx.Client(timeout=60) as http:
+            http.get(url.split("/v1/")[0] + "/healthz")  # connect before the clock starts
+            ready.wait()
+            mine, errors = [], 0
+            while (start := time.perf_counter()) < stop_at[0]:
+                ok = http.post(url, content=body, headers=headers).status_code == 200
+                mine.append(time.perf_counter() - start)
+                errors += not ok
+            with lock:
+                latencies.extend(mine)
+                counts["requests"] += len(mine)
+                counts["errors"] += errors
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    started = time.perf_counter()
+    stop_at.append(started + seconds)
+    ready.wait()
+    for t in threads:
+        t.join()
+    return {**counts, "seconds": time.perf_counter() - started,
+            **{f"p{q}_ms": percentile([s * 1000 for s in latencies], q) for q in (50, 95, 99)}}
+
+
+def measure(url: str, model_id: str, data_dir: Path | None, args) -> dict:
+    image = args.image.read_bytes()
+    body = multipart_body(image, args.files_per_request)
+    target = f"{url}/v1/models/{model_id}/predict?top_k=1"
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = args.generator or ("wrk" if shutil.which("wrk") else "python")
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    for _ in range(3):  # the first request loads the model (and folds it): not part of any run
+        httpx.post(target, content=body, headers=headers, timeout=600).raise_for_status()
+    result = {"model_id": model_id, "device": str(device), "generator": generator,
+              "files_per_request": args.files_per_request, "image": args.image.name,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "load_before": os.getloadavg(),
+              **bare_rates(data_dir, url, model_id, image, args.files_per_request, device, args.bare_seconds)}
+    if generator == "wrk":
+        script = Path(tempfile.mkdtemp()) / "predict.lua"
+        (script.parent / "body").write_bytes(body)
+        script.write_text(WRK_SCRIPT.format(body=script.parent / "body", boundary=BOUNDARY))
+    rows = []
+    for clients in args.clients:
+        run = (run_wrk(target, clients, args.seconds, script) if generator == "wrk"
+               else run_python(target, clients, args.seconds, body))
+        images_s = (run["requests"] - run["errors"]) * args.files_per_request / run["seconds"]
+        row = {"clients": clients, "requests": run["requests"], "errors": run["errors"],
+               "images_per_s": round(images_s, 1),
+               **{k: round(run[k], 1) for k in ("p50_ms", "p95_ms", "p99_ms")}}
+        if "bare_forward_img_s" in result:
+            row["vs_bare_forward"] = round(images_s / result["bare_forward_img_s"], 3)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    result["load"] = rows
+    result["load_after"] = os.getloadavg()
     return result
 
 
@@ -110,16 +200,24 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--data-dir", type=Path, help="the server's data dir, for the bare-model baseline")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--bare-seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16])
+    parser.add_argument("--files-per-request", type=int, default=1)
+    parser.add_argument("--image", type=Path, default=IMAGE)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]: GRAFT_PREDICT_DEVICE of the "
+                        "server this starts, and where the bare forward runs")
+    parser.add_argument("--generator", choices=("wrk", "python"), help="default: wrk if installed")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
+    if args.generator == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.url:
         model_id = args.model or train_model(args.url)
-        print(json.dumps(measure(args.url, model_id, args.data_dir, args.seconds), indent=2))
+        print(json.dumps(measure(args.url, model_id, args.data_dir, args), indent=2))
         return
+    os.environ["GRAFT_PREDICT_DEVICE"] = args.device  # own_server passes the environment on
     with own_server(workers=1) as (url, data_dir):
         model_id = train_model(url)
-        print(json.dumps(measure(url, model_id, Path(data_dir), args.seconds), indent=2))
+        print(json.dumps(measure(url, model_id, Path(data_dir), args), indent=2))
 
 
 if __name__ == "__main__":

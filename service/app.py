@@ -12,6 +12,7 @@ from service.blobs import BlobStore
 from service.db import Database
 from service.errors import install_error_handlers
 from service.exports import Exporter
+from service.inference import InferenceEngine
 from service.limits import BodySizeLimit
 from service.openapi import install_problem_docs
 from service.observability import install_observability
@@ -32,8 +33,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs_dir)
-    app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_size)
+    app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_mb * 1024**2,
+                                       allow_downloads=settings.allow_downloads)
     app.state.rate_limiter = RateLimiter()
+    app.state.inference = InferenceEngine(settings.predict_device, settings.predict_max_batch,
+                                          settings.predict_batch_window_ms, settings.torch_threads)
     app.state.queue = JobQueue(app.state.db, stale_after_s=settings.stale_after_s,
                                retry_backoff_s=settings.retry_backoff_s)
     install_error_handlers(app)
@@ -55,8 +59,12 @@ async def _lifespan(app: FastAPI):
     stop = threading.Event()
     if app.state.settings.reaper_in_api:
         threading.Thread(target=_reap_stalled_jobs, args=(app, stop), name="reaper", daemon=True).start()
-    yield
-    stop.set()
+    app.state.inference.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        app.state.inference.stop()
 
 
 def _reap_stalled_jobs(app: FastAPI, stop: threading.Event) -> None:

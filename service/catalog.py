@@ -10,7 +10,8 @@ takes the database lock) so a change and a job's freeze cannot interleave.
 from __future__ import annotations
 
 import re
-from typing import BinaryIO, Iterable
+from contextlib import contextmanager
+from typing import BinaryIO, Iterable, Iterator
 
 from sqlalchemy import delete, func, insert, literal, select
 from sqlalchemy.orm import Session
@@ -22,6 +23,8 @@ from service.names import LabelRejected, clean_label
 from service.report import build_report
 from service.settings import Settings
 from service.tables import Dataset, DatasetImage, Job, Model
+from workers.artifacts import ArtifactCorrupt, BackboneMismatch
+from workers.backbones import WeightsUnavailable
 
 MAX_LISTED_IN_ERRORS = 1000
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -225,3 +228,14 @@ def list_images(session: Session, dataset_id: str, label: str | None, limit: int
     if label is not None:
         query = query.where(DatasetImage.label == label)
     return list(session.scalars(query.order_by(DatasetImage.id).limit(limit).offset(offset)))
+
+
+@contextmanager
+def stored_model_errors(model_id: str) -> Iterator[None]:
+    """A stored model that cannot be loaded is a 409 that says why, never a 500."""
+    try:
+        yield
+    except (BackboneMismatch, WeightsUnavailable) as exc:  # a linear probe's backbone is the pretrained one
+        raise Conflict(f"model {model_id} cannot be served: {exc}") from None
+    except (ArtifactCorrupt, FileNotFoundError):
+        raise Conflict(f"model {model_id}'s stored file is missing or failed its sha256 check; retrain it") from None

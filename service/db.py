@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
+from sqlalchemy import URL, DateTime, Engine, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Stable constraint names so Alembic migrations stay identical on both databases.
@@ -59,6 +60,13 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite database URL; None for PostgreSQL and in-memory databases."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+        return None
+    return Path(url.database).resolve()
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None  # autocommit at the driver; SQLAlchemy emits BEGIN itself
     cur = dbapi_conn.cursor()
@@ -81,6 +89,14 @@ class Database:
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        return sqlite_file(self.engine.url)
+
+    def libpq_url(self) -> str:
+        """The PostgreSQL URL as psycopg takes it, for a connection outside the pool (LISTEN)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     @contextmanager
     def session(self, readonly: bool = False) -> Iterator[Session]:

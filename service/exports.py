@@ -9,6 +9,8 @@ under `<data dir>/exports`.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -18,10 +20,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from service.tables import Model
-from workers.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LoadedModel, load_artifact, sha256_file
+from workers.artifacts import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, LoadedModel, load_artifact, sha256_file
 
 ExportFormat = Literal["onnx", "safetensors", "torchscript"]
 MODEL_FILES: dict[str, str] = {"onnx": "model.onnx", "safetensors": WEIGHTS_FILE, "torchscript": "model.torchscript.pt"}
@@ -61,7 +64,7 @@ class Exporter:
             if target.is_file():
                 return target
             self.root.mkdir(parents=True, exist_ok=True)
-            loaded = load_artifact(self.data_dir / row.artifact_dir, row.sha256)  # verifies sha256
+            loaded = _standalone(load_artifact(self.data_dir / row.artifact_dir, row.sha256))  # verifies sha256
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
                 model_file = Path(tmp) / MODEL_FILES[fmt]
                 details = _WRITERS[fmt](loaded, self.data_dir / row.artifact_dir, model_file)
@@ -73,6 +76,14 @@ class Exporter:
                     zf.writestr("USAGE.md", usage_text(manifest))
                 os.replace(zip_tmp, target)  # readers see a whole zip or none
         return target
+
+
+def _standalone(loaded: LoadedModel) -> LoadedModel:
+    # A shared backbone is also serving /predict in this process: exporters change its memory
+    # layout, so they work on a private copy (which is also what makes the export whole).
+    if loaded.shared_backbone is None:
+        return loaded
+    return dataclasses.replace(loaded, classifier=copy.deepcopy(loaded.classifier), shared_backbone=None)
 
 
 def _example(loaded: LoadedModel, batch: int = 2) -> torch.Tensor:
@@ -105,9 +116,14 @@ def _write_torchscript(loaded: LoadedModel, _artifact_dir: Path, out: Path) -> d
     return {"load_with": "torch.jit.load(path, map_location='cpu')"}
 
 
-def _write_safetensors(_loaded: LoadedModel, artifact_dir: Path, out: Path) -> dict:
-    # The artifact's own weights file, byte for byte (its sha256 was just verified).
-    out.write_bytes((artifact_dir / WEIGHTS_FILE).read_bytes())
+def _write_safetensors(loaded: LoadedModel, artifact_dir: Path, out: Path) -> dict:
+    if loaded.manifest.get("backbone_weights", {}).get("source") == "pretrained":
+        # The artifact holds only the head: write the whole network, so the file works without Graft.
+        state = {k: v.detach().contiguous() for k, v in loaded.classifier.state_dict().items()}
+        save_file(state, str(out), metadata={"graft_format": str(FORMAT_VERSION)})
+    else:
+        # The artifact's own weights file, byte for byte (its sha256 was just verified).
+        out.write_bytes((artifact_dir / WEIGHTS_FILE).read_bytes())
     return {"state_dict": "Graft's Classifier: features.* = the backbone without its ImageNet "
                           "classifier, head.* = Linear(feature_dim, num_classes); softmax not included"}
 

@@ -5,22 +5,28 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
 from service.errors import InvalidInput
+from service.inference import InferenceEngine
 from service.tables import Model
-from workers.artifacts import LoadedModel, load_artifact
+from workers.artifacts import LoadedModel, load_artifact, weight_bytes
 from workers.imaging import ImageRejected
-from workers.preprocessing import decode_square, eval_crop, normalize
+from workers.preprocessing import decode_square, eval_crop
 
 
 class ModelCache:
-    """Keeps the most recently used models in memory; loads verify the artifact's sha256."""
+    """Keeps the most recently used models in memory, up to `max_bytes` of weights (LRU).
 
-    def __init__(self, data_dir: Path, capacity: int):
+    A model costs the bytes of its own parameters and buffers; a backbone shared by several
+    models (format-2 linear probes) is counted once while any cached model uses it. The model
+    just loaded always stays, even alone over the budget. Loads verify the artifact's sha256.
+    """
+
+    def __init__(self, data_dir: Path, max_bytes: int, allow_downloads: bool = False):
         self.data_dir = data_dir
-        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.allow_downloads = allow_downloads
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._own_bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, row: Model) -> LoadedModel:
@@ -28,32 +34,56 @@ class ModelCache:
             if row.id in self._models:
                 self._models.move_to_end(row.id)
                 return self._models[row.id]
-        loaded = load_artifact(self.data_dir / row.artifact_dir, row.sha256)
+        loaded = load_artifact(self.data_dir / row.artifact_dir, row.sha256, allow_downloads=self.allow_downloads)
+        own = loaded.own_bytes  # outside the lock: walks every tensor
         with self._lock:
-            self._models[row.id] = loaded
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
+            if row.id in self._models:  # another request loaded it meanwhile: keep one copy
+                self._models.move_to_end(row.id)
+                return self._models[row.id]
+            self._models[row.id], self._own_bytes[row.id] = loaded, own
+            while len(self._models) > 1 and self._bytes_locked() > self.max_bytes:
+                evicted, _ = self._models.popitem(last=False)
+                del self._own_bytes[evicted]
         return loaded
+
+    def _bytes_locked(self) -> int:
+        shared = {id(m.shared_backbone): m.shared_backbone for m in self._models.values()
+                  if m.shared_backbone is not None}
+        return sum(self._own_bytes.values()) + sum(weight_bytes(b) for b in shared.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Weight bytes of the cached models, each shared backbone once (for /metrics)."""
+        with self._lock:
+            return self._bytes_locked()
+
+    def ids(self) -> list[str]:
+        """The cached models' ids, least recently used first."""
+        with self._lock:
+            return list(self._models)
 
     def __len__(self) -> int:
         return len(self._models)
 
 
-def predict(model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> list[dict]:
+def predict(engine: InferenceEngine, model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> list[dict]:
     """Calibrated probabilities for each file, in upload order, top_k sorted by score.
 
-    The model's temperature (fitted on val after training) and mirror averaging (tta_flip) come
-    from its manifest, so /predict scores are the ones its ECE was measured on.
+    Decoding runs on the caller's thread (several files: on the engine's decode threads), the
+    forward on the engine's thread, so torch always runs on one thread. The model's temperature
+    (fitted on val after training) and mirror averaging (tta_flip) come from its manifest, so
+    /predict scores are the ones its ECE was measured on.
     """
     pre = model.preprocessing
-    squares = []
-    for name, data in files:
+
+    def crop(item: tuple[str, bytes]):
+        name, data = item
         try:
-            squares.append(decode_square(data, pre))
+            return eval_crop(decode_square(data, pre), pre)  # a view: the engine copies it once
         except ImageRejected as exc:
             raise InvalidInput(f"file {name!r} is not a usable image: {exc}", filename=name) from None
-    x = normalize(eval_crop(torch.stack(squares), pre), pre)
-    probs = model.classifier.predict_proba(x)
+
+    probs = engine.predict_proba(model, files, decode=crop)
     k = min(top_k, len(model.classes))
     scores, indices = probs.topk(k, dim=1)
     return [

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
 
     # Job queue
     poll_interval_s: float = Field(0.5, gt=0)
+    listen_retry_s: float = Field(5.0, gt=0, description="PostgreSQL: how soon a worker reconnects its "
+                                  "job-notification (LISTEN) connection after it dropped; it polls meanwhile")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     stale_after_heartbeats: int = Field(3, ge=2)  # a job silent this many intervals is re-queued
     max_attempts: int = Field(3, ge=1)
@@ -57,9 +59,24 @@ class Settings(BaseSettings):
     recommended_images_per_class: int = Field(20, ge=2)
     max_predict_files: int = 64
 
+    # Training data path
+    decoded_cache_mb: int = Field(4096, ge=0, description=(
+        "disk space for decoded training images (data_dir/cache/decoded), reused by every job on "
+        "the same images; 0 = keep them in the worker's memory only"))
+    warm_up_worker: bool = Field(True, description="GPU workers initialise CUDA and run the default "
+                                 "backbone once at start, so the first job does not pay for it")
+
     # Prediction
-    model_cache_size: int = Field(4, ge=1)
-    torch_threads: int = Field(0, ge=0, description="0 = PyTorch's default")
+    model_cache_mb: int = Field(1024, ge=1, description="MiB of model weights the API keeps loaded (LRU); "
+                                "a backbone shared by linear probes counts once")
+    torch_threads: int = Field(0, ge=0, description=(
+        "intra-op threads: a worker's training, and the API's inference thread; 0 = PyTorch's default "
+        "for workers, half the cores for the API (request threads decode images on the rest)"))
+    predict_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                                description="where /predict runs: auto = the first GPU if there is one, else CPU")
+    predict_max_batch: int = Field(0, ge=0, le=4096, description="images per forward pass; 0 = 2 on CPU, 256 on GPU")
+    predict_batch_window_ms: float | None = Field(None, ge=0, le=1000, description=(
+        "how long a waiting request may wait for others to share its forward pass; unset = 0 on CPU, 2 on GPU"))
 
     @model_validator(mode="after")
     def _default_database(self) -> "Settings":
@@ -78,6 +95,10 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def decoded_cache_dir(self) -> Path:
+        return self.data_dir / "cache" / "decoded"
 
     @property
     def stale_after_s(self) -> float:

@@ -16,7 +16,8 @@ from service.migrate import upgrade
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+# GRAFT_HYMENOPTERA: where the shared set is on a machine without ../shared (a lent GPU)
+HYMENOPTERA = Path(os.environ.get("GRAFT_HYMENOPTERA") or REPO.parent / "shared" / "datasets" / "hymenoptera")
 PG_ADMIN_URL = os.environ.get("GRAFT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

@@ -14,7 +14,7 @@ from workers.artifacts import Classifier, load_artifact, write_artifact
 from workers.calibration import expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.metrics import classification_metrics
-from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, train_augmentation
+from workers.preprocessing import BatchAugment, batch_mixer, eval_crop, mix_batch, normalize
 from workers.training import (EarlyStopping, PreparedData, adapt_batchnorm, class_weights, l2sp_penalty,
                               make_criterion, make_scheduler, stage_param_groups, train, train_batches,
                               unfreeze_plan)
@@ -195,13 +195,36 @@ def test_mixup_produces_mixed_soft_targets():
 
 
 def test_augmentation_presets(data):
-    img = data.train_x[0]
-    torch.manual_seed(0)
-    assert torch.equal(train_augmentation("none", PRE)(img), eval_crop(img, PRE))
-    light = train_augmentation("light", PRE)
-    assert not torch.equal(light(img), light(img))
-    names = [type(t).__name__ for t in train_augmentation("strong", PRE).transforms]
-    assert "TrivialAugmentWide" in names and "RandomErasing" in names
+    batch = data.train_x[:4]
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(BatchAugment("none", PRE)(batch, gen), normalize(eval_crop(batch, PRE), PRE))
+    light = BatchAugment("light", PRE)
+    a, b = light(batch, gen), light(batch, gen)
+    assert a.shape == (4, 3, PRE.input_size, PRE.input_size) and a.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(a, b), "each call draws new crops"
+    assert not torch.allclose(a[0], a[1]) or not torch.equal(batch[0], batch[1])
+    # the same generator state gives the same batch: what a resumed checkpoint relies on
+    assert torch.equal(light(batch, torch.Generator().manual_seed(7)), light(batch, torch.Generator().manual_seed(7)))
+    strong = BatchAugment("strong", PRE)(batch, gen)
+    low = (torch.tensor(0.0) - torch.tensor(PRE.mean).view(1, 3, 1, 1)) / torch.tensor(PRE.std).view(1, 3, 1, 1)
+    assert strong.shape == a.shape and (strong >= low - 1e-4).all(), "pixels stay in range after jitter"
+    grey = torch.full((64, 3, PRE.resize_size, PRE.resize_size), 200, dtype=torch.uint8)
+    erased = ((BatchAugment("strong", PRE)(grey, gen) - low).abs() < 1e-5).flatten(1).any(1).sum()
+    assert 4 <= erased <= 32, f"random erasing hits about a quarter of the images, not {erased}/64"
+
+
+def test_batch_crop_of_the_whole_square_is_the_resized_square():
+    """A crop covering the square, unflipped, equals a plain bilinear resize of it: the geometry is right."""
+    side = PRE.resize_size
+    square = torch.linspace(0, 1, side).view(1, 1, 1, side).expand(1, 3, side, side).contiguous()
+    aug = BatchAugment("light", PRE)
+    aug.SCALE, aug.RATIO = (1.0, 1.0), (1.0, 1.0)
+    flipped = [aug._resized_crops(square, torch.Generator().manual_seed(s)) for s in range(6)]
+    resized = torch.nn.functional.interpolate(square, size=(PRE.input_size,) * 2, mode="bilinear",
+                                              align_corners=False)
+    for out in flipped:
+        assert torch.allclose(out, resized, atol=1e-5) or torch.allclose(out, resized.flip(-1), atol=1e-5)
+    assert any(torch.allclose(o, resized.flip(-1), atol=1e-5) for o in flipped), "flips happen"
 
 
 def test_tta_flip_makes_predictions_mirror_invariant():

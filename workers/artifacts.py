@@ -1,6 +1,13 @@
 """The model artifact format: `model.safetensors` + `manifest.json`, verified by sha256 on load.
 
 Nothing here unpickles: weights are safetensors, everything else is JSON.
+
+Format 2: when the classifier's backbone is bit-identical to the pristine pretrained one (a linear
+probe never changes it), model.safetensors holds only the head, and the manifest's
+`backbone_weights` = {"source": "pretrained", "sha256": <backbone fingerprint>}; loading takes the
+backbone from a process-wide registry, so every such model on one backbone shares one frozen copy.
+Otherwise (fine-tuning, AdaBN) the file holds every tensor as in format 1 ({"source": "artifact"}).
+Format 1 artifacts (always full) still load.
 """
 from __future__ import annotations
 
@@ -8,18 +15,21 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from workers.backbones import Preprocessing, get_backbone
+from workers.backbones import Preprocessing, WeightsUnavailable, get_backbone
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
+BACKBONE_PREFIX = "features."  # Classifier.features' keys in a state dict
 
 
 class Classifier(nn.Module):
@@ -77,7 +87,68 @@ class Classifier(nn.Module):
 
 
 class ArtifactCorrupt(Exception):
-    """The stored file does not match the sha256 recorded when it was written."""
+    """The stored file does not match the sha256 recorded when it was written (or its backbone
+    does not match the pretrained weights it was written against)."""
+
+
+class BackboneMismatch(ArtifactCorrupt):
+    """This machine's pretrained backbone is not the one a shared-backbone model was trained on;
+    str(exc) names no server path and says what to do."""
+
+
+def backbone_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a backbone state dict serialized by safetensors: deterministic and layout-free
+    (contiguous copies, so a channels_last module hashes like its NCHW twin)."""
+    return hashlib.sha256(save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})).hexdigest()
+
+
+# name -> fingerprint of the pristine pretrained backbone, computed once per process.
+_PRETRAINED_FINGERPRINTS: dict[str, str] = {}
+# (name, fingerprint) -> the one shared backbone module. Weak: it lives as long as a loaded model
+# uses it, so evicting the last such model from a cache frees it.
+_SHARED_BACKBONES: weakref.WeakValueDictionary[tuple[str, str], nn.Module] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()  # two threads loading models at once must get the same module
+
+
+def pretrained_fingerprint(name: str) -> str:
+    """Fingerprint of backbone `name`'s pristine ImageNet weights (raises WeightsUnavailable)."""
+    with _REGISTRY_LOCK:
+        if name not in _PRETRAINED_FINGERPRINTS:
+            features = get_backbone(name).build_features(pretrained=True)
+            _PRETRAINED_FINGERPRINTS[name] = backbone_fingerprint(features.state_dict())
+        return _PRETRAINED_FINGERPRINTS[name]
+
+
+def shared_backbone(name: str, fingerprint: str, allow_downloads: bool = False) -> nn.Module:
+    """The process-wide frozen, eval-mode, channels_last copy of `name`'s pretrained backbone.
+
+    Raises BackboneMismatch (an ArtifactCorrupt) when this machine's pretrained weights are not
+    the ones the model was trained on, and WeightsUnavailable when they are missing.
+    """
+    with _REGISTRY_LOCK:
+        module = _SHARED_BACKBONES.get((name, fingerprint))
+        if module is not None:
+            return module
+        known = _PRETRAINED_FINGERPRINTS.get(name)
+        if known is None:
+            module = get_backbone(name).build_features(pretrained=True, allow_downloads=allow_downloads)
+            known = _PRETRAINED_FINGERPRINTS[name] = backbone_fingerprint(module.state_dict())
+        if known != fingerprint:
+            raise BackboneMismatch(
+                f"the model was trained on {name} weights with fingerprint {fingerprint[:16]}…, but this "
+                f"machine's pretrained {name} weights have fingerprint {known[:16]}…; retrain the model "
+                f"or install the weights it was trained with")
+        if module is None:  # fingerprint known from an earlier build that has since been freed
+            module = get_backbone(name).build_features(pretrained=True, allow_downloads=allow_downloads)
+        module.requires_grad_(False)
+        module.eval().to(memory_format=torch.channels_last)
+        _SHARED_BACKBONES[(name, fingerprint)] = module
+        return module
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once)."""
+    return sum(t.nelement() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def sha256_file(path: Path) -> str:
@@ -89,16 +160,31 @@ def sha256_file(path: Path) -> str:
 
 
 def write_artifact(models_dir: Path, model_id: str, classifier: Classifier, manifest: dict) -> tuple[Path, str, int]:
-    """Write into a temp folder, then rename: a reader never sees half a model."""
+    """Write into a temp folder, then rename: a reader never sees half a model.
+
+    A backbone identical to manifest["backbone"]'s pretrained weights is left out of the file.
+    """
     final = models_dir / model_id
     tmp = models_dir / f".tmp-{model_id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in classifier.state_dict().items()}
+        fingerprint = backbone_fingerprint({k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
+                                            if k.startswith(BACKBONE_PREFIX)})
+        try:
+            pristine = pretrained_fingerprint(manifest["backbone"])
+        except WeightsUnavailable:
+            pristine = None  # cannot prove the backbone is pretrained: store it
+        if fingerprint == pristine:
+            state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+            backbone_weights = {"source": "pretrained", "sha256": fingerprint}
+        else:
+            backbone_weights = {"source": "artifact", "sha256": fingerprint}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"graft_format": str(FORMAT_VERSION)})
         digest = sha256_file(tmp / WEIGHTS_FILE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
-                    "sha256": digest, "serving": classifier.serving_config()}
+                    "sha256": digest, "serving": classifier.serving_config(),
+                    "backbone_weights": backbone_weights}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, final)
     except BaseException:
@@ -113,21 +199,52 @@ class LoadedModel:
     classes: list[str]
     preprocessing: Preprocessing
     manifest: dict
+    # The registry's module when classifier.features is shared with other models (never modify
+    # it in place: copy the classifier first); None when the model owns its backbone.
+    shared_backbone: nn.Module | None = None
+
+    @property
+    def own_bytes(self) -> int:
+        """Memory of the weights only this model holds (a shared backbone is not counted)."""
+        total = weight_bytes(self.classifier)
+        return total - weight_bytes(self.shared_backbone) if self.shared_backbone is not None else total
 
 
-def load_artifact(artifact_dir: Path, expected_sha256: str) -> LoadedModel:
+def load_artifact(artifact_dir: Path, expected_sha256: str, *, allow_downloads: bool = False) -> LoadedModel:
+    """Verify and load a model (raises ArtifactCorrupt, FileNotFoundError, WeightsUnavailable)."""
     weights = artifact_dir / WEIGHTS_FILE
     actual = sha256_file(weights)
     if actual != expected_sha256:
         raise ArtifactCorrupt(f"{weights} has sha256 {actual}, expected {expected_sha256}")
     manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+    version = int(manifest.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ArtifactCorrupt(f"{artifact_dir} is artifact format {version}; this Graft reads up to {FORMAT_VERSION}")
     spec = get_backbone(manifest["backbone"])
     serving = manifest.get("serving", {})  # absent in models written before heads and calibration
-    classifier = Classifier(spec.build_features(pretrained=False), spec.feature_dim, len(manifest["classes"]),
+    source = manifest.get("backbone_weights", {}).get("source", "artifact")  # format 1: always in the file
+    if source == "pretrained":
+        shared = shared_backbone(spec.name, manifest["backbone_weights"]["sha256"], allow_downloads)
+        features = shared
+    elif source == "artifact":
+        shared, features = None, spec.build_features(pretrained=False)
+    else:
+        raise ArtifactCorrupt(f"{artifact_dir}: unknown backbone_weights source {source!r}")
+    classifier = Classifier(features, spec.feature_dim, len(manifest["classes"]),
                             head=serving.get("head", "linear"), hidden_dim=serving.get("hidden_dim"),
                             dropout=serving.get("dropout", 0.0))
-    classifier.load_state_dict(load_file(str(weights)), strict=True)
+    state = load_file(str(weights))
+    if shared is None:
+        classifier.load_state_dict(state, strict=True)
+        classifier.eval().to(memory_format=torch.channels_last)
+    else:
+        # Strict on the head; the backbone keys are absent by design and must stay untouched.
+        expected = {k for k in classifier.state_dict() if not k.startswith(BACKBONE_PREFIX)}
+        if set(state) != expected:
+            raise ArtifactCorrupt(f"{weights} holds tensors {sorted(state)}, expected the head's {sorted(expected)}")
+        classifier.load_state_dict(state, strict=False)
+        classifier.eval()  # the head has no 4-D tensors, and the shared module is already channels_last
     classifier.temperature = float(serving.get("temperature", 1.0))
     classifier.tta_flip = bool(serving.get("tta_flip", False))
-    classifier.eval().to(memory_format=torch.channels_last)
-    return LoadedModel(classifier, manifest["classes"], Preprocessing.from_dict(manifest["preprocessing"]), manifest)
+    return LoadedModel(classifier, manifest["classes"], Preprocessing.from_dict(manifest["preprocessing"]), manifest,
+                       shared_backbone=shared)

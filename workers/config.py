@@ -76,8 +76,9 @@ class TrainConfig(BaseModel):
         "L1 penalty on the representation the final layer reads (mlp hidden units, or backbone features "
         "when the backbone trains): mean |activation| times this"))
     augmentation: Augmentation | None = Field(None, description=(
-        "train-time only: none; light = random resized crop + flip; strong = light + TrivialAugmentWide "
-        "+ random erasing. A linear probe supports none or light (its flip view)"))
+        "train-time only: none; light = random resized crop + flip; strong = light + brightness, contrast "
+        "and saturation jitter + random erasing (whole batches at once, on the GPU when there is one). "
+        "A linear probe supports none or light (its flip view)"))
     mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off; needs pixels, "
                                 "so not with linear_probe")

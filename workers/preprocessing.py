@@ -6,8 +6,11 @@ to `input_size`, which equals the usual "resize 256 -> center crop 224"; trainin
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
+from torch.nn import functional as F_nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -40,27 +43,90 @@ def eval_crop(batch_u8: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 def normalize(batch_u8: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """uint8 [N,3,H,W] to the network's float input, channels_last (faster on CPUs and GPUs alike)."""
-    x = batch_u8.float().div_(255.0)
+    return _standardize(batch_u8.float().div_(255.0), pre)
+
+
+def _standardize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Float pixels in [0, 1] to the network's input: (x - mean) / std, channels_last, in place."""
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
 
 
-def train_augmentation(preset: str, pre: Preprocessing) -> v2.Transform:
-    """Per-sample train-time augmentation of a uint8 square; `none` is the eval crop."""
-    size = [pre.input_size, pre.input_size]
-    if preset == "none":
-        return v2.CenterCrop(size)
-    ops: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
-                               v2.RandomHorizontalFlip()]
-    if preset == "strong":
-        ops += [v2.TrivialAugmentWide(), v2.RandomErasing(p=0.25, value=0)]
-    return v2.Compose(ops)
+class BatchAugment:
+    """Train-time augmentation of a whole uint8 batch in a few tensor ops, on whatever device the
+    batch is on: no per-sample Python in the training step (issue 7).
+
+    none: the eval crop. light: a random resized crop (area 25-100% of the square, aspect 3/4-4/3)
+    and a horizontal flip per image, sampled bilinearly in one `grid_sample` call. strong: light,
+    then per-image brightness, contrast and saturation in [0.6, 1.4] and, with probability 1/4, a
+    random black rectangle (random erasing). Every random number comes from the CPU `generator`,
+    so a checkpoint of the generator resumes the same draws on CPU and GPU alike.
+    """
+
+    SCALE, RATIO, JITTER, ERASE_P = (0.25, 1.0), (3 / 4, 4 / 3), 0.4, 0.25
+
+    def __init__(self, preset: str, pre: Preprocessing):
+        if preset not in ("none", "light", "strong"):
+            raise ValueError(f"augmentation must be none, light or strong, not {preset!r}")
+        self.preset, self.pre = preset, pre
+
+    def __call__(self, batch_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 [N,3,S,S] -> normalized float [N,3,input,input], channels_last."""
+        if self.preset == "none":
+            return normalize(eval_crop(batch_u8, self.pre), self.pre)
+        x = self._resized_crops(batch_u8.float().div_(255.0), generator)
+        if self.preset == "strong":
+            x = self._erase(self._colour(x, generator), generator)
+        return _standardize(x, self.pre)
+
+    def _resized_crops(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, out = len(x), self.pre.input_size
+        area = torch.empty(n).uniform_(*self.SCALE, generator=gen)
+        log_ratio = torch.empty(n).uniform_(math.log(self.RATIO[0]), math.log(self.RATIO[1]), generator=gen)
+        ratio = log_ratio.exp()
+        # crop width and height as fractions of the square's side (at most all of it)
+        w = (area * ratio).sqrt().clamp(max=1.0)
+        h = (area / ratio).sqrt().clamp(max=1.0)
+        # crop centre in [-1, 1] coordinates, keeping the crop inside the image
+        cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        grid = F_nn.affine_grid(theta.to(x.device), [n, 3, out, out], align_corners=False)
+        return F_nn.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _colour(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = len(x)
+        lo, hi = 1 - self.JITTER, 1 + self.JITTER
+        b, c, s = (torch.empty(3, n).uniform_(lo, hi, generator=gen).to(x.device).view(3, n, 1, 1, 1))
+        luma = _LUMA.to(x.device)
+        x = (x * b).clamp_(0.0, 1.0)
+        mean_grey = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = ((x - mean_grey) * c + mean_grey).clamp_(0.0, 1.0)
+        grey = (x * luma).sum(1, keepdim=True)
+        return ((x - grey) * s + grey).clamp_(0.0, 1.0)
+
+    def _erase(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, side = len(x), x.shape[-1]
+        erase = torch.rand(n, generator=gen) < self.ERASE_P
+        area = torch.empty(n).uniform_(0.02, 0.33, generator=gen)
+        ratio = torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=gen).exp()
+        eh = ((area * ratio).sqrt() * side).clamp(1, side)
+        ew = ((area / ratio).sqrt() * side).clamp(1, side)
+        top = torch.rand(n, generator=gen) * (side - eh)
+        left = torch.rand(n, generator=gen) * (side - ew)
+        # the rectangles as masks, built on the batch's device from 5 numbers per image
+        top, eh, left, ew, erase = (t.to(x.device) for t in (top, eh, left, ew, erase))
+        pos = torch.arange(side, dtype=torch.float32, device=x.device)
+        rows = (pos >= top[:, None]) & (pos < (top + eh)[:, None]) & erase[:, None]  # [N, side]
+        cols = (pos >= left[:, None]) & (pos < (left + ew)[:, None])
+        return x.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0.0)
 
 
-def augment_batch(batch_u8: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
-    # v2 transforms draw one set of parameters per call, so a batch needs one call per sample.
-    return torch.stack([transform(img) for img in batch_u8])
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as torchvision's grayscale
 
 
 def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:

@@ -13,8 +13,10 @@ stages, or AdaBN re-estimation before training), keeps the best epoch by `monito
 after `patience` epochs without improvement), then fits a temperature on the val logits; the
 classifier carries that temperature and `tta_flip` to the artifact and to /predict.
 
-The epoch loops hold explicit optimizer, scheduler and torch.Generator objects (plus torch's
-global RNG for augmentation draws), which is what a checkpoint needs to resume an epoch exactly.
+The epoch loops hold explicit optimizer, scheduler and torch.Generator objects (the generator
+draws batches and augmentation; torch's global RNG only MixUp/CutMix coefficients), which is what
+a checkpoint needs to resume an epoch exactly. On a GPU the decoded images live on the device
+(`PreparedData.on`) and whole batches are augmented there (`BatchAugment`).
 """
 from __future__ import annotations
 
@@ -33,8 +35,7 @@ from workers.backbones import Preprocessing, get_backbone
 from workers.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.metrics import classification_metrics
-from workers.preprocessing import (augment_batch, batch_mixer, eval_crop, mix_batch, normalize,
-                                   train_augmentation)
+from workers.preprocessing import BatchAugment, batch_mixer, eval_crop, mix_batch, normalize
 
 
 class Control(Protocol):
@@ -57,6 +58,18 @@ class PreparedData:
     val_x: torch.Tensor
     val_y: torch.Tensor
 
+    def on(self, device: torch.device, share_of_free: float = 0.25) -> PreparedData:
+        """The images moved to a GPU when they take at most `share_of_free` of its free memory, so
+        batches are gathered and augmented there; otherwise (and on CPUs) unchanged. Labels stay
+        on the host: samplers draw from them with a CPU generator."""
+        if device.type != "cuda" or self.train_x.device == device:
+            return self
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.train_x.nbytes + self.val_x.nbytes > share_of_free * free:
+            return self
+        return PreparedData(self.classes, self.preprocessing, self.train_x.to(device), self.train_y,
+                            self.val_x.to(device), self.val_y)
+
 
 @dataclass
 class TrainResult:
@@ -73,6 +86,7 @@ def pick_device() -> torch.device:
 def train(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
           control: Control, device: torch.device | None = None) -> TrainResult:
     device = device or pick_device()
+    data = data.on(device)
     if config.strategy == "auto":
         from workers.auto import train_auto  # auto builds on this module
         return train_auto(config, data, features, feature_dim, control, device)
@@ -541,7 +555,7 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
     per_epoch = steps_per_epoch(len(data.train_y), config.batch_size, min_batch)
     sched = make_scheduler(opt, config, per_epoch * config.epochs)
     criterion = make_criterion(config, data.train_y, len(data.classes), device)
-    augmentation = train_augmentation(config.augmentation, pre)
+    augment = BatchAugment(config.augmentation, pre)
     mixer = batch_mixer(config.mixup_alpha, config.cutmix_alpha, len(data.classes))
     gen = torch.Generator().manual_seed(config.seed)
     stopper = EarlyStopping(config.monitor, config.patience)
@@ -558,7 +572,7 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
         total, count = 0.0, 0
         batches = train_batches(data.train_y, config.batch_size, config.sampler, gen, min_batch)
         for step, idx in enumerate(batches, start=1):
-            x = normalize(augment_batch(data.train_x[idx], augmentation).to(device, non_blocking=True), pre)
+            x = augment(data.train_x[idx.to(data.train_x.device)].to(device, non_blocking=True), gen)
             x, target = mix_batch(x, data.train_y[idx].to(device, non_blocking=True), mixer, config.mix_prob, gen)
             with _autocast(device):
                 logits, rep = classifier.head_with_representation(classifier.features(x))

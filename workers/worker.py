@@ -1,6 +1,7 @@
 """The worker loop: claim a job, train it under a heartbeat-renewed lease, publish the model."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -14,14 +15,14 @@ import torch
 
 from service.blobs import BlobStore
 from service.db import Database, utcnow
-from service.queue import Claim, JobQueue
+from service.queue import Claim, JobQueue, JobWaiter
 from service.settings import Settings
 from service.tables import Model
-from workers.artifacts import write_artifact
-from workers.backbones import WeightsUnavailable, get_backbone
+from workers.artifacts import Classifier, write_artifact
+from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
 from workers.checkpoints import prune_checkpoints, read_checkpoint, write_checkpoint
 from workers.config import TrainConfig
-from workers.data import prepare_data
+from workers.data import DecodedCache, prepare_data
 from workers.errors import JobError, StopJob
 from workers.training import pick_device, train
 
@@ -37,6 +38,8 @@ def resolve_device(setting: str) -> torch.device:
         if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
             raise SystemExit(f"device {setting} is not available on this machine "
                              f"({torch.cuda.device_count()} GPU(s) visible)")
+        # a bare "cuda" means the current GPU; torch.cuda.set_device refuses a device without an index
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
 
@@ -147,6 +150,8 @@ class LeaseControl:
 
 
 class Worker:
+    _waiter: JobWaiter | None = None  # while run() runs: what it waits on between claims
+
     def __init__(self, settings: Settings, worker_id: str | None = None):
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -159,6 +164,42 @@ class Worker:
         self.drain_deadline: float | None = None  # set on SIGTERM: when the current job must stop
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        self.decoded = DecodedCache(settings.decoded_cache_dir, settings.decoded_cache_mb * 2**20)
+        self._pretrained: dict[str, torch.nn.Module] = {}  # pristine backbones, copied for each job
+        if self.device.type == "cuda" and settings.warm_up_worker:
+            self.warm_up()
+
+    def pretrained_features(self, spec: BackboneSpec) -> torch.nn.Module:
+        """A fresh copy of the backbone's pretrained features: read from disk once per worker."""
+        if spec.name not in self._pretrained:
+            self._pretrained[spec.name] = spec.build_features(
+                pretrained=True, allow_downloads=self.settings.allow_downloads)
+        return copy.deepcopy(self._pretrained[spec.name])
+
+    def warm_up(self) -> None:
+        """Initialise CUDA, cuDNN, cuBLAS and the fused optimizer with one training step and one
+        inference batch of the default backbone, so the first job starts at full speed."""
+        spec = get_backbone(DEFAULT_BACKBONE)
+        try:
+            features = self.pretrained_features(spec)
+        except WeightsUnavailable:
+            return
+        started = time.perf_counter()
+        model = Classifier(features, spec.feature_dim, 2).to(self.device, memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+        side = spec.preprocessing.input_size
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(torch.randn(32, 3, side, side, device=self.device)
+                         .contiguous(memory_format=torch.channels_last)).float().logsumexp(1).mean()
+        loss.backward()
+        opt.step()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.eval()(torch.randn(256, 3, side, side, device=self.device).contiguous(memory_format=torch.channels_last))
+        torch.cuda.synchronize(self.device)
+        del model, opt
+        torch.cuda.empty_cache()
+        log.info("warmed up %s in %.2f s", self.device, time.perf_counter() - started,
+                 extra={"action": "worker_warm_up"})
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,10 +212,15 @@ class Worker:
         else:
             self.drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
             self.shutdown.set()
+            if (waiter := self._waiter) is not None:
+                waiter.interrupt()  # an idle worker stops waiting for a job now
 
     def run(self, max_jobs: int | None = None) -> None:
         self.queue.register_worker(self.worker_id, socket.gethostname(), os.getpid(), str(self.device))
         log.info("worker %s started on %s", self.worker_id, self.device, extra={"action": "worker_start"})
+        has_gpu = self.device.type == "cuda"
+        # Listen before the first claim, so that a job committed in between wakes this worker.
+        self._waiter = waiter = JobWaiter(self.db, reconnect_s=self.settings.listen_retry_s)
         done, last_reap = 0, 0.0
         try:
             while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
@@ -183,16 +229,27 @@ class Worker:
                     self.queue.worker_alive(self.worker_id, None)
                     for job_id in self.queue.requeue_stale():
                         log.warning("re-queued stalled job %s", job_id, extra={"action": "requeue_stale"})
-                claim = self.queue.claim(self.worker_id, has_gpu=self.device.type == "cuda")
+                claim = self.queue.claim(self.worker_id, has_gpu=has_gpu)
                 if claim is None:
-                    self.shutdown.wait(self.settings.poll_interval_s)
+                    waiter.wait(self._idle_timeout(last_reap, has_gpu))
                     continue
                 self.run_job(claim)
                 done += 1
         finally:
+            self._waiter = None
+            waiter.close()
             self.queue.worker_stopped(self.worker_id)
             self.db.dispose()
             log.info("worker %s stopped", self.worker_id, extra={"action": "worker_stop"})
+
+    def _idle_timeout(self, last_reap: float, has_gpu: bool) -> float:
+        """How long an idle worker waits when no wake-up comes: the poll interval, but no longer
+        than until its next heartbeat or the end of a retry's backoff, which nobody notifies."""
+        timeout = min(self.settings.poll_interval_s,
+                      self.settings.heartbeat_interval_s - (time.monotonic() - last_reap))
+        if (due := self.queue.next_run_after(has_gpu=has_gpu)) is not None:
+            timeout = min(timeout, (due - self.queue.now()).total_seconds())
+        return max(0.0, timeout)
 
     def run_job(self, claim: Claim) -> None:
         log.info("running job %s (attempt %d)", claim.job_id, claim.attempt, extra={"action": "job_start"})
@@ -230,10 +287,10 @@ class Worker:
         spec = get_backbone(config.backbone)
         pre = spec.preprocessing.at_size(config.image_size)
         try:
-            features = spec.build_features(pretrained=True, allow_downloads=self.settings.allow_downloads)
+            features = self.pretrained_features(spec)
         except WeightsUnavailable as exc:
             raise JobError("weights_missing", str(exc)) from None
-        data = prepare_data(self.db, self.blobs, claim.dataset_id, config, pre, control)
+        data = prepare_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded)
         result = train(config, data, features, spec.feature_dim, control, self.device)
         control.checkpoint()
         model_id = uuid.uuid4().hex

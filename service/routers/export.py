@@ -3,11 +3,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from service.errors import Conflict
 from service.exports import ExportFormat
 from service.auth import TrainCaller
-from service.catalog import ready_model
-from workers.artifacts import ArtifactCorrupt
+from service.catalog import ready_model, stored_model_errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -21,8 +19,6 @@ def export_model(model_id: str, request: Request, caller: TrainCaller,
     # A short transaction: an export can take seconds, and on SQLite every transaction holds the lock.
     with request.app.state.db.session() as session:
         row = ready_model(session, model_id, caller.project_id)
-    try:
+    with stored_model_errors(row.id):
         path = request.app.state.exporter.export(row, format)
-    except (ArtifactCorrupt, FileNotFoundError):
-        raise Conflict(f"model {row.id}'s stored file is missing or failed its sha256 check; retrain it") from None
     return FileResponse(path, media_type="application/zip", filename=f"graft-{row.id}-{format}.zip")

@@ -4,14 +4,13 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from service import quotas
 from service.auth import PredictCaller, TrainCaller
-from service.catalog import get_or_404, list_rows, ready_model
-from service.deps import ModelCacheDep, RateLimiterDep, ReadSessionDep, SessionDep, SettingsDep
-from service.errors import Conflict, InvalidInput
+from service.catalog import get_or_404, list_rows, ready_model, stored_model_errors
+from service.deps import InferenceDep, ModelCacheDep, RateLimiterDep, ReadSessionDep, SessionDep, SettingsDep
+from service.errors import InvalidInput
 from service.predictor import predict
 from service.routers._multipart import require_multipart
 from service.schemas import ModelOut, PredictResponse
 from service.tables import Model
-from workers.artifacts import ArtifactCorrupt
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -30,7 +29,7 @@ def get_model(model_id: str, caller: TrainCaller, session: SessionDep) -> ModelO
 
 @router.post("/{model_id}/predict", dependencies=[Depends(require_multipart)])
 def predict_images(model_id: str, caller: PredictCaller, session: ReadSessionDep, cache: ModelCacheDep,
-                   settings: SettingsDep, limiter: RateLimiterDep,
+                   settings: SettingsDep, limiter: RateLimiterDep, engine: InferenceDep,
                    file: Annotated[list[UploadFile], File(description="one or more images")],
                    top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> PredictResponse:
     """Class probabilities for each uploaded image, in upload order. A job id works once it succeeded."""
@@ -40,8 +39,6 @@ def predict_images(model_id: str, caller: PredictCaller, session: ReadSessionDep
     if len(file) > settings.max_predict_files:
         raise InvalidInput(f"{len(file)} files sent; at most {settings.max_predict_files} per request")
     files = [(f.filename or f"file{i}", f.file.read()) for i, f in enumerate(file)]
-    try:
+    with stored_model_errors(row.id):
         loaded = cache.get(row)
-    except (ArtifactCorrupt, FileNotFoundError):
-        raise Conflict(f"model {row.id}'s stored file is missing or failed its sha256 check; retrain it") from None
-    return PredictResponse(model_id=row.id, results=predict(loaded, files, top_k))
+    return PredictResponse(model_id=row.id, results=predict(engine, loaded, files, top_k))

@@ -1,0 +1,75 @@
+"""The training data path: decoded images cached for every later job, and batches kept on the device."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.blobs import BlobStore
+from service.db import Database
+from tests.conftest import subset_zip
+from tests.training_support import PRE, Recorder
+from workers.config import TrainConfig
+from workers.data import DecodedCache, prepare_data
+
+
+@pytest.fixture
+def uploaded(settings) -> str:
+    with TestClient(create_app(settings)) as client:
+        resp = client.post("/v1/datasets", files={"file": ("set.zip", subset_zip(6, 3), "application/zip")})
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+
+def prepare(settings, dataset_id: str, cache: DecodedCache | None, pre=PRE):
+    db = Database(settings.database_url)
+    try:
+        recorder = Recorder()
+        data = prepare_data(db, BlobStore(settings.blobs_dir), dataset_id, TrainConfig(strategy="linear_probe"),
+                            pre, recorder, cache)
+        return data, [u for u in recorder.updates if u.get("phase") == "decoding images"]
+    finally:
+        db.dispose()
+
+
+def test_second_job_reads_decoded_images_from_the_cache(settings, uploaded):
+    first, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
+    assert decoded, "the first job decodes"
+    assert len(list(settings.decoded_cache_dir.glob("*.safetensors"))) == 1
+    # A new worker (empty memory) on the same dataset: no decoding, even with the blobs gone.
+    shutil.rmtree(settings.blobs_dir)
+    again, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
+    assert not decoded
+    for a, b in ((first.train_x, again.train_x), (first.val_x, again.val_x), (first.train_y, again.train_y)):
+        assert torch.equal(a, b)
+
+
+def test_another_preprocessing_is_another_cache_entry(settings, uploaded):
+    cache = DecodedCache(settings.decoded_cache_dir, 2**30)
+    small, _ = prepare(settings, uploaded, cache)
+    large, decoded = prepare(settings, uploaded, cache, pre=PRE.__class__(96, 110, PRE.mean, PRE.std, PRE.interpolation))
+    assert decoded and large.train_x.shape[-1] == 110 and small.train_x.shape[-1] == PRE.resize_size
+
+
+def test_damaged_cache_file_is_decoded_again(settings, uploaded):
+    first, _ = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
+    (path,) = settings.decoded_cache_dir.glob("*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    again, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
+    assert decoded and torch.equal(first.train_x, again.train_x)
+
+
+def test_cache_keeps_to_its_disk_budget_evicting_the_oldest(tmp_path):
+    one = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    cache = DecodedCache(tmp_path, max_bytes=2 * one.nbytes + 400, memory_entries=1)  # room for two files
+    for key in ("a", "b", "c"):
+        cache.put(key, one)
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["b", "c"]
+    assert cache.get("a") is None and torch.equal(cache.get("b"), one)
+
+
+def test_order_of_images_is_part_of_the_key():
+    assert DecodedCache.key(["x", "y"], PRE) != DecodedCache.key(["y", "x"], PRE)

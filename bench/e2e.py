@@ -43,31 +43,33 @@ def zip_folder(folder: Path) -> bytes:
 
 
 @contextmanager
-def own_server(workers: int):
+def own_server(workers: int, env: dict | None = None, repo: Path = REPO):
+    """`graft serve` on a fresh data dir (SQLite unless `env` names GRAFT_DATABASE_URL), from `repo`;
+    yields (url, data dir) once its workers have registered."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data_dir = tempfile.mkdtemp(prefix="graft-bench-")
-    env = {**os.environ, "GRAFT_DATA_DIR": data_dir, "GRAFT_PORT": str(port), "GRAFT_WORKERS": str(workers)}
-    env.pop("GRAFT_DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO,
+    base = {k: v for k, v in os.environ.items() if k != "GRAFT_DATABASE_URL"}
+    env = {**base, "GRAFT_DATA_DIR": data_dir, "GRAFT_PORT": str(port), "GRAFT_WORKERS": str(workers), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=repo,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # a worker registers once it has imported torch (and warmed up a GPU)
-            try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:  # a worker registers once it has imported torch (and warmed up a GPU)
                 if len(httpx.get(url + "/v1/workers").json()) >= workers:
                     break
             except (httpx.TransportError, ValueError):
                 pass
             time.sleep(0.2)
         else:
-            raise SystemExit("no worker registered within 180 s")
+            raise SystemExit("graft serve did not register its workers within 180 s")
         yield url, Path(data_dir)
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
 
 
 def percentile(values: list[float], q: float) -> float:

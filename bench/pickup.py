@@ -18,24 +18,23 @@ import io
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 from sqlalchemy import create_engine, text
 
-REPO = Path(__file__).resolve().parents[1]
-HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import DEFAULT_DATASET as HYMENOPTERA, REPO, own_server  # noqa: E402
+
 JOB = {"strategy": "linear_probe", "image_size": 32, "epochs": 1}
+SERVER_ENV = {"GRAFT_MIN_IMAGES_PER_CLASS": "2", "GRAFT_TORCH_THREADS": "1"}  # tiny jobs, one worker process
 
 
 def tiny_zip() -> bytes:
@@ -61,36 +60,6 @@ def postgres_database(admin_url: str):
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-@contextmanager
-def graft_serve(repo: Path, database_url: str):
-    """`graft serve` with one worker process; yields its URL once the worker has registered."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data_dir = tempfile.mkdtemp(prefix="graft-pickup-")
-    env = {**os.environ, "GRAFT_DATA_DIR": data_dir, "GRAFT_PORT": str(port), "GRAFT_WORKERS": "1",
-           "GRAFT_DATABASE_URL": database_url, "GRAFT_MIN_IMAGES_PER_CLASS": "2", "GRAFT_TORCH_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=repo,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/v1/workers").json():
-                    break
-            except (httpx.TransportError, ValueError):
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("graft serve did not start a worker within 180 s")
-            time.sleep(0.2)
-        time.sleep(2)  # past the worker's first claim: from here on it waits
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def measure(url: str, jobs: int) -> list[float]:
@@ -124,11 +93,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{platform.machine()}, {os.cpu_count()} cores, {datetime.now().date()}, repo {args.repo}")
     for database in ("sqlite", "postgres") if args.database == "both" else (args.database,):
-        if database == "sqlite":
-            with graft_serve(args.repo, "") as url:  # empty: the default SQLite file in the data dir
-                pickups = measure(url, args.jobs)
-        else:
-            with postgres_database(args.pg_admin_url) as db_url, graft_serve(args.repo, db_url) as url:
+        with postgres_database(args.pg_admin_url) if database == "postgres" else nullcontext(None) as db_url:
+            env = {**SERVER_ENV, **({"GRAFT_DATABASE_URL": db_url} if db_url else {})}
+            with own_server(1, env, args.repo) as (url, _):
+                time.sleep(2)  # past the worker's first claim: from here on it waits
                 pickups = measure(url, args.jobs)
         ms = sorted(p * 1000 for p in pickups)
         print(f"{database:8s} {len(ms)} jobs: pickup p50 {statistics.median(ms):.1f} ms, max {ms[-1]:.1f} ms, "

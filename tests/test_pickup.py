@@ -16,9 +16,10 @@ from sqlalchemy import create_engine, func, select, text
 
 from service.db import utcnow
 from service.migrate import upgrade
-from service.queue import LISTENER_NAME, JobQueue, JobWaiter
+from service.queue import JobQueue
 from service.settings import Settings
 from service.tables import Job, WorkerRecord
+from service.wakeups import LISTENER_NAME, JobWaiter
 from tests.test_queue import cancel, claim_one, enqueue, job_row, silence
 from tests.test_queue import queue  # noqa: F401  (fixture)
 from tests.test_worker_pool import TINY_JOB, submit, wait_status

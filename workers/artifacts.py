@@ -110,11 +110,12 @@ _SHARED_BACKBONES: weakref.WeakValueDictionary[tuple[str, str], nn.Module] = wea
 _REGISTRY_LOCK = threading.Lock()  # two threads loading models at once must get the same module
 
 
-def pretrained_fingerprint(name: str) -> str:
-    """Fingerprint of backbone `name`'s pristine ImageNet weights (raises WeightsUnavailable)."""
+def pretrained_fingerprint(name: str, pristine: nn.Module | None = None) -> str:
+    """Fingerprint of backbone `name`'s pristine ImageNet weights (raises WeightsUnavailable).
+    A caller that already built them passes `pristine`, so they are not read a second time."""
     with _REGISTRY_LOCK:
         if name not in _PRETRAINED_FINGERPRINTS:
-            features = get_backbone(name).build_features(pretrained=True)
+            features = pristine if pristine is not None else get_backbone(name).build_features(pretrained=True)
             _PRETRAINED_FINGERPRINTS[name] = backbone_fingerprint(features.state_dict())
         return _PRETRAINED_FINGERPRINTS[name]
 

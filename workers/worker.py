@@ -15,10 +15,11 @@ import torch
 
 from service.blobs import BlobStore
 from service.db import Database, utcnow
-from service.queue import Claim, JobQueue, JobWaiter
+from service.queue import Claim, JobQueue
 from service.settings import Settings
 from service.tables import Model
-from workers.artifacts import Classifier, write_artifact
+from service.wakeups import JobWaiter
+from workers.artifacts import Classifier, pretrained_fingerprint, write_artifact
 from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
 from workers.checkpoints import prune_checkpoints, read_checkpoint, write_checkpoint
 from workers.config import TrainConfig
@@ -172,8 +173,9 @@ class Worker:
     def pretrained_features(self, spec: BackboneSpec) -> torch.nn.Module:
         """A fresh copy of the backbone's pretrained features: read from disk once per worker."""
         if spec.name not in self._pretrained:
-            self._pretrained[spec.name] = spec.build_features(
-                pretrained=True, allow_downloads=self.settings.allow_downloads)
+            pristine = spec.build_features(pretrained=True, allow_downloads=self.settings.allow_downloads)
+            pretrained_fingerprint(spec.name, pristine)  # what write_artifact compares a trained backbone with
+            self._pretrained[spec.name] = pristine
         return copy.deepcopy(self._pretrained[spec.name])
 
     def warm_up(self) -> None:

@@ -72,6 +72,27 @@ def own_server(workers: int, env: dict | None = None, repo: Path = REPO):
         proc.wait(60)
 
 
+def server_pid(data_dir: Path) -> int | None:
+    """The local `graft serve` process (the API; its workers run `graft worker`) serving data_dir."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"service.cli" in argv and b"serve" in argv and f"GRAFT_DATA_DIR={data_dir}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 

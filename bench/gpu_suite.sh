@@ -33,6 +33,8 @@ case "$part" in
     # the GPU-only tests (inference on the device matches the CPU)
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_inference.py -k gpu
     "$PY" bench/e2e.py --strategy fine_tune --job '{"epochs": 15}' --repeat 3 --latency-requests 100
+    # the CPU side of each predicted image (decode, resize, crop) over this host's cores, then the load
+    "$PY" bench/preprocess.py --threads 1,4,8,16 --repeats 2
     "$PY" bench/predict_load.py --generator python --device cuda --files-per-request 64 --clients 1,4,16 --seconds 6 --bare-seconds 3
     ;;
   *)

@@ -29,24 +29,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import DEFAULT_DATASET, own_server, train_once, zip_folder  # noqa: E402
+from e2e import DEFAULT_DATASET, own_server, server_pid, train_once, zip_folder  # noqa: E402
 
 PHOTO = DEFAULT_DATASET / "val" / "ants" / "10308379_1b6c72e180.jpg"
-
-
-def server_pid(data_dir: Path) -> int:
-    """The `graft serve` process (the API; its workers run `graft worker`) serving data_dir."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"service.cli" in argv and b"serve" in argv and f"GRAFT_DATA_DIR={data_dir}".encode() in env:
-            return int(entry.name)
-    raise SystemExit(f"no `graft serve` process for {data_dir}")
 
 
 def rss_mib(pid: int) -> float:
@@ -80,6 +65,8 @@ def predict(client: httpx.Client, model_id: str) -> None:
 def run(url: str, data_dir: Path, models: int, per_class: int, warmup: int) -> dict:
     client = httpx.Client(base_url=url, timeout=600)
     pid = server_pid(data_dir)
+    if pid is None:
+        raise SystemExit(f"no `graft serve` process for {data_dir}")
     full = client.post("/v1/datasets", files={"file": ("full.zip", zip_folder(DEFAULT_DATASET))}).json()
     with tempfile.TemporaryDirectory() as tmp:
         small = client.post("/v1/datasets", files={"file": ("slice.zip", zip_folder(

@@ -11,7 +11,10 @@ model measured in this process at the same batch size on the same device: the fo
 decode + preprocess + forward the way /predict did it before the inference engine. The load comes
 from wrk where it is installed (apt-get install wrk) and otherwise, or with --generator python,
 from Python threads holding one HTTP connection each (its own CPU cost then counts against the
-server's on a small machine). --device is passed to the server as GRAFT_PREDICT_DEVICE.
+server's on a small machine). --device is passed to the server as GRAFT_PREDICT_DEVICE. The server
+it starts has no predict rate limit (with --url, the server's own limit applies: its 429s count as
+errors). Where the API process is local (its own server, or --data-dir), each run also prints that
+process's CPU time per image and how many cores it kept busy.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import DEFAULT_DATASET, own_server, percentile, zip_folder  # noqa: E402
+from e2e import DEFAULT_DATASET, cpu_seconds, own_server, percentile, server_pid, zip_folder  # noqa: E402
 
 IMAGE = DEFAULT_DATASET / "val" / "ants" / "10308379_1b6c72e180.jpg"  # 500x375 JPEG
 BOUNDARY = "graftbenchboundary"
@@ -177,14 +180,23 @@ def measure(url: str, model_id: str, data_dir: Path | None, args) -> dict:
         script = Path(tempfile.mkdtemp()) / "predict.lua"
         (script.parent / "body").write_bytes(body)
         script.write_text(WRK_SCRIPT.format(body=script.parent / "body", boundary=BOUNDARY))
+    # The API process's CPU time per served image says what bounds it: near 1 core busy with the
+    # rest idle is the GIL (one Python thread at a time), all cores busy is decoding.
+    pid = server_pid(data_dir) if data_dir is not None else None
     rows = []
     for clients in args.clients:
+        cpu_before = cpu_seconds(pid) if pid else None
         run = (run_wrk(target, clients, args.seconds, script) if generator == "wrk"
                else run_python(target, clients, args.seconds, body))
-        images_s = (run["requests"] - run["errors"]) * args.files_per_request / run["seconds"]
+        images = (run["requests"] - run["errors"]) * args.files_per_request
+        images_s = images / run["seconds"]
         row = {"clients": clients, "requests": run["requests"], "errors": run["errors"],
                "images_per_s": round(images_s, 1),
                **{k: round(run[k], 1) for k in ("p50_ms", "p95_ms", "p99_ms")}}
+        if pid:
+            cpu = cpu_seconds(pid) - cpu_before
+            row["server_cores_busy"] = round(cpu / run["seconds"], 2)
+            row["server_cpu_ms_per_image"] = round(1000 * cpu / max(images, 1), 2)
         if "bare_forward_img_s" in result:
             row["vs_bare_forward"] = round(images_s / result["bare_forward_img_s"], 3)
         rows.append(row)
@@ -214,8 +226,10 @@ def main() -> None:
         model_id = args.model or train_model(args.url)
         print(json.dumps(measure(args.url, model_id, args.data_dir, args), indent=2))
         return
-    os.environ["GRAFT_PREDICT_DEVICE"] = args.device  # own_server passes the environment on
-    with own_server(workers=1) as (url, data_dir):
+    # The server's capacity is measured, not the per-project rate limit (1,200 requests a minute by
+    # default, which a few seconds of load exhaust: its 429s would count as errors and fast answers).
+    env = {"GRAFT_PREDICT_DEVICE": args.device, "GRAFT_PREDICT_RATE_PER_MINUTE": "0"}
+    with own_server(workers=1, env=env) as (url, data_dir):
         model_id = train_model(url)
         print(json.dumps(measure(url, model_id, Path(data_dir), args), indent=2))
 

@@ -8,7 +8,8 @@ Graft's side is `workers.training.train` with `fine_tune` for `--epochs` epochs 
 augmentation of whole batches, BatchNorm statistics frozen; on a GPU the images live on the
 device, bf16 autocast, channels_last, fused AdamW). Its rate is counted over the training steps of
 the last epoch (timestamps of the loop's own per-step progress calls; the first epoch pays for
-kernel selection, as the bare loop's warm-up steps do), and separately over the whole run. The
+kernel selection, as the bare loop's warm-up steps do; the clock waits for the GPU only at that
+epoch's first and last step), and separately over the whole run. The
 bare side feeds one pre-made batch in a loop (no augmentation, no data movement, bf16 +
 channels_last + fused AdamW on a GPU): the ceiling for this backbone. Prints both and the ratio.
 """
@@ -31,25 +32,27 @@ from workers.training import PreparedData, pick_device, train
 
 
 class StepClock:
-    """A training Control that timestamps every training step the loop reports."""
+    """A training Control that times the last epoch's steps. The loop does not wait for the GPU
+    between steps, so the clock does, only at the end of that epoch's first and last step."""
 
-    def __init__(self):
-        self.steps: list[tuple[int, int, float]] = []  # (epoch, step, perf_counter)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []  # perf_counter at the end of the last epoch's first and last step
 
     def checkpoint(self) -> None:
         pass
 
     def progress(self, update: dict) -> None:
-        if "step" in update:
-            self.steps.append((update["epoch"], update["step"], time.perf_counter()))
+        if "step" in update and update["epoch"] == update["epochs"] and update["step"] in (1, update["steps"]):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times.append(time.perf_counter())
 
     def last_epoch_rate(self, images: int, batch_size: int) -> float:
-        """Images/s between the end of the first and of the last step of the last epoch (steps are
-        synchronous: each ends with loss.item()); the last batch may be partial."""
-        last = self.steps[-1][0]
-        times = [t for epoch, _, t in self.steps if epoch == last]
-        sizes = [min(batch_size, images - i * batch_size) for i in range(len(times))]
-        return sum(sizes[1:]) / (times[-1] - times[0])
+        """Images/s from the end of the last epoch's first step to the end of its last (which
+        may be a partial batch)."""
+        steps = -(-images // batch_size)
+        return (images - batch_size) / (self.times[-1] - self.times[0]) if steps > 1 else float("nan")
 
 
 def synthetic(pre, images: int, seed: int = 0) -> PreparedData:
@@ -99,7 +102,7 @@ def main() -> None:
     data = synthetic(pre, args.images)
     config = TrainConfig(backbone=args.backbone, strategy="fine_tune", epochs=args.epochs, batch_size=args.batch_size,
                          image_size=args.image_size, augmentation="light", patience=None)
-    clock = StepClock()
+    clock = StepClock(device)
     result = train(config, data, spec.build_features(pretrained=True), spec.feature_dim, clock, device)
     graft = clock.last_epoch_rate(args.images, args.batch_size)
     bare = bare_rate(spec, pre, args.batch_size, max(3, args.images // args.batch_size), device)

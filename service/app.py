@@ -33,11 +33,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs_dir)
-    app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_mb * 1024**2,
-                                       allow_downloads=settings.allow_downloads)
-    app.state.rate_limiter = RateLimiter()
     app.state.inference = InferenceEngine(settings.predict_device, settings.predict_max_batch,
-                                          settings.predict_batch_window_ms, settings.torch_threads)
+                                          settings.predict_batch_window_ms, settings.torch_threads,
+                                          parallel=settings.predict_parallel)
+    app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_mb * 1024**2,
+                                       allow_downloads=settings.allow_downloads,
+                                       copy_bytes=app.state.inference.host_copy_bytes)
+    app.state.rate_limiter = RateLimiter()
     app.state.queue = JobQueue(app.state.db, stale_after_s=settings.stale_after_s,
                                retry_backoff_s=settings.retry_backoff_s)
     install_error_handlers(app)

@@ -1,4 +1,4 @@
-"""The prediction engine: one per API process, and one thread that runs every forward pass.
+"""The prediction engine: one per API process, and its threads run every forward pass.
 
 Why (measured on a 2-core CPU, issue 7): FastAPI runs the sync predict endpoint on anyio's thread
 pool, so successive requests ran torch on different threads, each with its own OpenMP team; with
@@ -6,12 +6,14 @@ libgomp a second team anywhere in the process stops every team from spinning bet
 spinning team that shares the cores with other work stalls at every barrier, and an eager
 forward re-takes the GIL after each of its ~150 ops, so Python work on any other thread (HTTP
 parsing, the next request's dependencies) stalls it too. Here request threads only decode and
-crop (Pillow releases the GIL) and hand uint8 crops to the engine thread, which owns all tensor
-math. It takes what is waiting (up to `max_batch` images, waiting at most `window_s` for more),
-groups requests whose models share a backbone module (linear probes share one), runs that
-backbone once over the group (mirrored copies too, for tta_flip models), then each model's head.
-On a CPU the backbone runs traced and frozen (BatchNorm folded, one call without the GIL), on
-half the cores: on 2 cores shared with other work, one thread served more, and faster, than two.
+crop (Pillow releases the GIL) and hand uint8 crops to the engine threads, which own all tensor
+math. One at a time takes what is waiting (up to `max_batch` images, waiting at most `window_s`
+for more), groups requests whose models share a backbone module (linear probes share one), runs
+that backbone once over the group (mirrored copies too, for tta_flip models), then each model's
+head; meanwhile the next thread collects. On a CPU the backbone runs traced and frozen (BatchNorm
+folded, one call without the GIL), each pass on half the cores: on 2 cores shared with other
+work, one intra-op thread served more, and faster, than two, and two such passes at once served
+25-55% more images a second than one under concurrent load (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from service.errors import GraftError
-from workers.artifacts import Classifier, LoadedModel
+from workers.artifacts import Classifier, LoadedModel, weight_bytes
 from workers.preprocessing import normalize
 from workers.worker import resolve_device
 
@@ -62,28 +64,35 @@ class InferenceEngine:
     (0: MAX_BATCH for the device). window_ms: how long the engine waits for more requests once
     one is waiting (None: 0 on CPU, GPU_WINDOW_MS on GPU).
     torch_threads: intra-op threads of the forward (0: half the cores, at least one; the rest
-    decode and serve HTTP). optimize: trace and freeze CPU backbones (False: the modules run as
-    they are, forward hooks included).
+    decode and serve HTTP). parallel: engine threads, each running its own forwards (0: two on a
+    CPU, so a second batch runs while the first does; one on a GPU). optimize: trace and freeze
+    CPU backbones (False: the modules run as they are, forward hooks included).
     """
 
     def __init__(self, device: str = "auto", max_batch: int = 0, window_ms: float | None = None,
-                 torch_threads: int = 0, decode_threads: int = 0, optimize: bool = True):
+                 torch_threads: int = 0, decode_threads: int = 0, optimize: bool = True, parallel: int = 0):
         self.device = resolve_device(device)
         self.max_batch = max_batch or MAX_BATCH[self.device.type]
         on_gpu = self.device.type == "cuda"
         self.window_s = (GPU_WINDOW_MS if window_ms is None and on_gpu else window_ms or 0.0) / 1000
         self.threads = torch_threads or default_threads()
         self.optimize = optimize and not on_gpu
+        self.parallel = parallel or (1 if on_gpu else 2)
         self.forwards = 0  # backbone forward passes run: tests and benchmarks read it
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._state = "stopped"
         self._starts = 0  # nested lifespans of one app (test clients run their own) share the engine
-        self._run = 0  # which start() the engine thread belongs to: a restart never gets two threads
-        self._thread: threading.Thread | None = None
+        self._run = 0  # which start() the engine threads belong to: a restart never doubles them
+        self._threads: list[threading.Thread] = []
+        # One engine thread at a time collects a batch (and waits out its window), so requests
+        # that arrive together still share a forward; the others are running theirs meanwhile.
+        self._collecting = threading.Lock()
+        self._preparing = threading.Lock()  # one copy of each backbone, whichever thread needs it first
         # id(original backbone) -> {input size: what runs; None = the original itself}; an entry
         # goes when its original is garbage-collected (the model left every cache).
         self._backbones: dict[int, dict[int, nn.Module | None]] = {}
+        self._host_copy_bytes: dict[int, int] = {}  # id(original backbone) -> bytes of its CPU copies
         self._heads: dict[int, Classifier] = {}
         self._decode_threads = decode_threads or os.cpu_count() or 2
         self._decoder: ThreadPoolExecutor | None = None
@@ -97,17 +106,20 @@ class InferenceEngine:
             self._state, self._run = "running", self._run + 1
         self._decoder = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="graft-decode")
         self._threads_before = torch.get_num_threads()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(self._run, ready), name="graft-inference",
-                                        daemon=True)
-        self._thread.start()
-        ready.wait()
+        self._threads = []
+        for i in range(self.parallel):
+            ready = threading.Event()
+            self._threads.append(threading.Thread(target=self._serve, args=(self._run, ready), daemon=True,
+                                                  name=f"graft-inference-{i}"))
+            self._threads[-1].start()
+            ready.wait()
         # Every other thread that starts using torch from now on runs it on one thread (torch
         # sizes a thread's team the first time it runs a parallel op): no second team, e.g. in a
         # request thread loading a model, to throttle the engine's or spin on its cores.
         torch.set_num_threads(1)
-        log.info("inference engine on %s: max batch %d, window %.1f ms, %d thread(s)", self.device,
-                 self.max_batch, self.window_s * 1000, self.threads, extra={"action": "inference_start"})
+        log.info("inference engine on %s: max batch %d, window %.1f ms, %d forward(s) at once on %d "
+                 "thread(s) each", self.device, self.max_batch, self.window_s * 1000, self.parallel, self.threads,
+                 extra={"action": "inference_start"})
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -126,9 +138,10 @@ class InferenceEngine:
         for request in queued:
             _fail(request.future, EngineStopped("the server is shutting down; retry on another instance"))
         self._decoder.shutdown(wait=False, cancel_futures=True)
-        if self._thread is not None:
-            self._thread.join(timeout_s)  # daemon: a forward that outlives this does not block exit
-            torch.set_num_threads(self._threads_before)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:  # daemons: a forward that outlives this does not block exit
+            thread.join(max(0.0, deadline - time.monotonic()))
+        torch.set_num_threads(self._threads_before)
 
     # -- what request threads call -------------------------------------------------------------
     def predict_proba(self, model: LoadedModel, items: list, decode=None) -> torch.Tensor:
@@ -167,7 +180,7 @@ class InferenceEngine:
                     raise
                 # Every future is resolved by the engine thread or by stop(); this covers a thread
                 # that died some other way, so a request never hangs.
-                if not self._thread.is_alive():
+                if not any(thread.is_alive() for thread in self._threads):
                     _fail(future, EngineStopped("the prediction engine stopped"))
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -179,19 +192,29 @@ class InferenceEngine:
         ready.set()
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # CUDA context now, not in the first request
-        while (batch := self._collect(run)) is not None:
-            groups: dict[tuple, list[_Request]] = {}
-            for request in batch:
-                pre = request.model.preprocessing
-                key = (id(request.model.classifier.features), pre.input_size, pre.mean, pre.std)
-                groups.setdefault(key, []).append(request)
-            for group in groups.values():
-                try:
-                    self._forward(group)
-                except BaseException as exc:  # noqa: BLE001 - each waiting request gets the error, the thread lives on
-                    log.exception("inference failed", extra={"action": "inference_error"})
-                    for request in group:
-                        _fail(request.future, exc)
+        while True:
+            with self._collecting:
+                batch = self._collect(run)
+            if batch is None:
+                return
+            self._run_batch(batch)
+            # While the engine waits for the next batch, this one's requests (and the models they
+            # hold) must not stay alive: a model the cache evicted is freed now, copies and all.
+            del batch
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        groups: dict[tuple, list[_Request]] = {}
+        for request in batch:
+            pre = request.model.preprocessing
+            key = (id(request.model.classifier.features), pre.input_size, pre.mean, pre.std)
+            groups.setdefault(key, []).append(request)
+        for group in groups.values():
+            try:
+                self._forward(group)
+            except BaseException as exc:  # noqa: BLE001 - each waiting request gets the error, the thread lives on
+                log.exception("inference failed", extra={"action": "inference_error"})
+                for request in group:
+                    _fail(request.future, exc)
 
     def _collect(self, run: int) -> list[_Request] | None:
         """The next requests to run: all that wait, up to max_batch images, after the window."""
@@ -234,7 +257,8 @@ class InferenceEngine:
             x = torch.cat([x, *mirrored]).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             chunks = [backbone(chunk) for chunk in x.split(self.max_batch)]
-        self.forwards += len(chunks)
+        with self._cond:
+            self.forwards += len(chunks)
         feats = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).float()
         mirror_at = len(crops)
         for i, request in enumerate(group):
@@ -247,28 +271,44 @@ class InferenceEngine:
             request.future.set_result(torch.softmax(logits / classifier.temperature, dim=1).cpu())
 
     def _backbone(self, features: nn.Module, input_size: int) -> nn.Module:
+        with self._preparing:
+            return self._prepared(features, input_size)
+
+    def _prepared(self, features: nn.Module, input_size: int) -> nn.Module:
         key = id(features)
         if key not in self._backbones:
             self._backbones[key] = {}
-            weakref.finalize(features, self._backbones.pop, key, None)
+            weakref.finalize(features, self._forget, key)
         prepared = self._backbones[key]
         if input_size not in prepared:
             if self.device.type != "cpu":  # a copy: the original may be the process-wide shared backbone
                 prepared[input_size] = copy.deepcopy(features).to(self.device, memory_format=torch.channels_last)
             else:  # None (never the original itself: that would keep it alive forever) runs it eagerly
                 prepared[input_size] = freeze_for_cpu(features, input_size) if self.optimize else None
+                if prepared[input_size] is not None:  # folded weights: about the original's bytes again
+                    self._host_copy_bytes[key] = self._host_copy_bytes.get(key, 0) + weight_bytes(features)
         module = prepared[input_size]
         return features if module is None else module
+
+    def _forget(self, key: int) -> None:
+        self._backbones.pop(key, None)
+        self._host_copy_bytes.pop(key, None)
+
+    def host_copy_bytes(self, features: nn.Module) -> int:
+        """Host memory of what the engine prepared from this backbone (a traced and frozen copy on
+        a CPU; 0 before its first forward, and on a GPU, whose copies live in device memory)."""
+        return self._host_copy_bytes.get(id(features), 0)
 
     def _head(self, classifier: Classifier) -> Classifier:
         if self.device.type == "cpu":
             return classifier
         key = id(classifier)
-        if key not in self._heads:
-            # A copy without the backbone (already on the device), for head_logits and serving settings.
-            self._heads[key] = copy.deepcopy(classifier, memo={id(classifier.features): nn.Identity()}).to(self.device)
-            weakref.finalize(classifier, self._heads.pop, key, None)
-        return self._heads[key]
+        with self._preparing:
+            if key not in self._heads:
+                # A copy without the backbone (already on the device), for head_logits and serving settings.
+                self._heads[key] = copy.deepcopy(classifier, memo={id(classifier.features): nn.Identity()}).to(self.device)
+                weakref.finalize(classifier, self._heads.pop, key, None)
+            return self._heads[key]
 
 
 def default_threads() -> int:

@@ -101,8 +101,9 @@ class StoreCollector:
         loaded = GaugeMetricFamily("graft_models_loaded", "Models held in memory by this API process for prediction")
         loaded.add_metric([], len(self.model_cache))
         yield loaded
-        yield GaugeMetricFamily("graft_models_loaded_bytes", "Weight bytes of the loaded models, each shared "
-                                "backbone counted once (bounded by GRAFT_MODEL_CACHE_MB)",
+        yield GaugeMetricFamily("graft_models_loaded_bytes", "Weight bytes of the loaded models and of their "
+                                "frozen CPU copies, each shared backbone counted once (bounded by "
+                                "GRAFT_MODEL_CACHE_MB)",
                                 value=self.model_cache.total_bytes)
         up = GaugeMetricFamily("graft_database_up", "1 if the last scrape could query the database")
         try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
+
+from torch import nn
 
 from service.errors import InvalidInput
 from service.inference import InferenceEngine
@@ -17,14 +20,17 @@ class ModelCache:
     """Keeps the most recently used models in memory, up to `max_bytes` of weights (LRU).
 
     A model costs the bytes of its own parameters and buffers; a backbone shared by several
-    models (format-2 linear probes) is counted once while any cached model uses it. The model
-    just loaded always stays, even alone over the budget. Loads verify the artifact's sha256.
+    models (format-2 linear probes) is counted once while any cached model uses it, and so is
+    what `copy_bytes` says is held for it elsewhere (the inference engine's frozen CPU copy). The
+    model just loaded always stays, even alone over the budget. Loads verify the artifact's sha256.
     """
 
-    def __init__(self, data_dir: Path, max_bytes: int, allow_downloads: bool = False):
+    def __init__(self, data_dir: Path, max_bytes: int, allow_downloads: bool = False,
+                 copy_bytes: Callable[[nn.Module], int] | None = None):
         self.data_dir = data_dir
         self.max_bytes = max_bytes
         self.allow_downloads = allow_downloads
+        self.copy_bytes = copy_bytes or (lambda backbone: 0)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._own_bytes: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -49,7 +55,9 @@ class ModelCache:
     def _bytes_locked(self) -> int:
         shared = {id(m.shared_backbone): m.shared_backbone for m in self._models.values()
                   if m.shared_backbone is not None}
-        return sum(self._own_bytes.values()) + sum(weight_bytes(b) for b in shared.values())
+        backbones = {id(m.classifier.features): m.classifier.features for m in self._models.values()}
+        return (sum(self._own_bytes.values()) + sum(weight_bytes(b) for b in shared.values())
+                + sum(self.copy_bytes(b) for b in backbones.values()))
 
     @property
     def total_bytes(self) -> int:

@@ -67,16 +67,19 @@ class Settings(BaseSettings):
                                  "backbone once at start, so the first job does not pay for it")
 
     # Prediction
-    model_cache_mb: int = Field(1024, ge=1, description="MiB of model weights the API keeps loaded (LRU); "
-                                "a backbone shared by linear probes counts once")
+    model_cache_mb: int = Field(1024, ge=1, description="MiB of model weights the API keeps loaded (LRU), "
+                                "with the frozen copy a CPU server runs; a backbone shared by linear "
+                                "probes counts once")
     torch_threads: int = Field(0, ge=0, description=(
-        "intra-op threads: a worker's training, and the API's inference thread; 0 = PyTorch's default "
+        "intra-op threads: a worker's training, and each of the API's forward passes; 0 = PyTorch's default "
         "for workers, half the cores for the API (request threads decode images on the rest)"))
     predict_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                                 description="where /predict runs: auto = the first GPU if there is one, else CPU")
     predict_max_batch: int = Field(0, ge=0, le=4096, description="images per forward pass; 0 = 2 on CPU, 256 on GPU")
     predict_batch_window_ms: float | None = Field(None, ge=0, le=1000, description=(
         "how long a waiting request may wait for others to share its forward pass; unset = 0 on CPU, 2 on GPU"))
+    predict_parallel: int = Field(0, ge=0, le=64, description=(
+        "forward passes the API runs at once, each on GRAFT_TORCH_THREADS threads; 0 = 2 on CPU, 1 on GPU"))
 
     @model_validator(mode="after")
     def _default_database(self) -> "Settings":

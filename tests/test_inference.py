@@ -231,7 +231,8 @@ def test_without_a_window_requests_that_arrive_during_a_forward_share_the_next_o
     client, ids = served
     probe = loaded(client, ids["probe"])
     counter = ForwardCounter(probe.classifier.features, pause_s=0.5)
-    engine = InferenceEngine("cpu", window_ms=0, max_batch=64, optimize=False).start()
+    # One forward at a time: with a second engine thread free, the next request would not wait.
+    engine = InferenceEngine("cpu", window_ms=0, max_batch=64, optimize=False, parallel=1).start()
     crops = crops_of(probe, PHOTOS[:1])
     try:
         first = engine.submit(probe, crops)
@@ -244,6 +245,27 @@ def test_without_a_window_requests_that_arrive_during_a_forward_share_the_next_o
         counter.remove()
     assert counter.batches == [1, 3]
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_on_a_cpu_a_second_forward_runs_while_the_first_does(served):
+    """Two engine threads by default on a CPU: a request that arrives during a long forward is
+    answered before that forward ends, and both answers are right."""
+    client, ids = served
+    probe, own = loaded(client, ids["probe"]), loaded(client, ids["own"])
+    slow = ForwardCounter(probe.classifier.features, pause_s=1.5)
+    engine = InferenceEngine("cpu", optimize=False).start()
+    assert engine.parallel == 2
+    try:
+        first = engine.submit(probe, crops_of(probe, PHOTOS[:1]))
+        while not slow.batches:  # the first forward is running (and pausing)
+            time.sleep(0.01)
+        second = engine.submit(own, crops_of(own, PHOTOS[1:2]))
+        assert torch.allclose(second.result(timeout=30), today(own, PHOTOS[1:2]), atol=1e-5)
+        assert not first.done(), "the second answer came while the first forward still ran"
+        assert torch.allclose(first.result(timeout=30), today(probe, PHOTOS[:1]), atol=1e-5)
+    finally:
+        engine.stop()
+        slow.remove()
 
 
 def test_stopping_with_requests_in_flight_and_queued_does_not_hang(served):

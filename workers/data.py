@@ -48,7 +48,7 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> list[
 log = logging.getLogger("graft.worker")
 
 # Part of every cache key: bump it when decode_square's output changes for the same bytes.
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: torch's resize instead of Pillow's
 
 
 class DecodedCache:

@@ -35,7 +35,7 @@ from workers.backbones import Preprocessing, get_backbone
 from workers.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.metrics import classification_metrics
-from workers.preprocessing import BatchAugment, batch_mixer, eval_crop, mix_batch, normalize
+from workers.preprocessing import BatchAugment, batch_mixer, eval_crop, mix_batch, normalize, to_device
 
 
 class Control(Protocol):
@@ -465,8 +465,9 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
     classifier.features.eval()
     for epoch in range(1, config.epochs + 1):
         head.train()  # only the head's modules: walking the backbone every epoch costs more than the epoch
-        total, count = 0.0, 0
+        loss_sum, count = torch.zeros((), device=device), 0  # summed on the device, as in fine_tune
         for idx in train_batches(train_y.cpu(), config.batch_size, config.sampler, gen):
+            idx = to_device(idx, device)
             x, target = mix_batch(train_f[idx], train_y[idx], mixer, config.mix_prob, gen)
             logits, rep = classifier.head_with_representation(x)
             loss = criterion(logits, target)
@@ -476,9 +477,10 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
             loss.backward()
             opt.step()
             sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
+            loss_sum += loss.detach() * len(idx)
+            count += len(idx)
         head.eval()
-        report = _epoch_report(epoch, config.epochs, total / max(count, 1), val_logits(), val_y,
+        report = _epoch_report(epoch, config.epochs, loss_sum.item() / max(count, 1), val_logits(), val_y,
                                opt.param_groups[0]["lr"])
         history.append(report)
         stop = stopper.update(report, head)
@@ -569,11 +571,13 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
             for p in stage.parameters():
                 p.requires_grad_(i >= len(stages) - trainable)
         set_train_modes(classifier, stages, trainable, config.bn_mode)
-        total, count = 0.0, 0
+        # The epoch's loss sums on the device: a .item() per step would make the CPU wait for
+        # the GPU to drain, then leave the GPU idle while it queues the next step.
+        loss_sum, count = torch.zeros((), device=device), 0
         batches = train_batches(data.train_y, config.batch_size, config.sampler, gen, min_batch)
         for step, idx in enumerate(batches, start=1):
-            x = augment(data.train_x[idx.to(data.train_x.device)].to(device, non_blocking=True), gen)
-            x, target = mix_batch(x, data.train_y[idx].to(device, non_blocking=True), mixer, config.mix_prob, gen)
+            x = augment(data.train_x[to_device(idx, data.train_x.device)].to(device, non_blocking=True), gen)
+            x, target = mix_batch(x, to_device(data.train_y[idx], device), mixer, config.mix_prob, gen)
             with _autocast(device):
                 logits, rep = classifier.head_with_representation(classifier.features(x))
             loss = criterion(logits, target)
@@ -585,13 +589,14 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
             loss.backward()
             opt.step()
             sched.step()
-            total, count, seen = total + loss.item() * len(idx), count + len(idx), seen + len(idx)
+            loss_sum += loss.detach() * len(idx)
+            count, seen = count + len(idx), seen + len(idx)
             control.progress({"phase": "training", "epoch": epoch, "epochs": config.epochs,
                               "step": step, "steps": per_epoch, "trainable_stages": trainable})
             control.checkpoint()
         classifier.eval()
         val_logits = _logits(classifier, data.val_x, pre, device, control, bool(config.tta_flip))
-        report = _epoch_report(epoch, config.epochs, total / max(count, 1), val_logits, data.val_y,
+        report = _epoch_report(epoch, config.epochs, loss_sum.item() / max(count, 1), val_logits, data.val_y,
                                opt.param_groups[0]["lr"])
         report["trainable_stages"] = trainable
         history.append(report)

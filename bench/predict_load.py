@@ -74,7 +74,8 @@ def train_model(url: str) -> str:
 def bare_rates(data_dir: Path | None, url: str, model_id: str, image: bytes, batch: int, device: torch.device,
                seconds: float) -> dict:
     """The same model in this process at the same batch size: forward only, and decode + forward."""
-    from service.inference import default_threads, freeze_for_cpu
+    from service.inference import default_threads
+    from workers.backbones import freeze_for_cpu
     from workers.artifacts import load_artifact
     from workers.preprocessing import decode_square, eval_crop, normalize
 

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -33,6 +32,7 @@ from torch import nn
 
 from service.errors import GraftError
 from workers.artifacts import Classifier, LoadedModel, weight_bytes
+from workers.backbones import freeze_for_cpu
 from workers.preprocessing import normalize
 from workers.worker import resolve_device
 
@@ -42,7 +42,6 @@ GPU_WINDOW_MS = 2.0  # default micro-batch window on a GPU, where 1 or 64 images
 # Default images per forward. 2-core CPU, frozen Lite0 on one thread: 78 img/s at batch 1, 66-78 at
 # 4, 61-69 at 8, and 16 HTTP clients served 39-43 img/s at 8 against 53-62 at 1, 2 or 4.
 MAX_BATCH = {"cpu": 2, "cuda": 256}
-FROZEN_TOLERANCE = 1e-3  # max |feature difference| a frozen backbone may show against eager; else eager runs
 
 
 class EngineStopped(GraftError):
@@ -321,29 +320,3 @@ def _fail(future: Future, exc: BaseException) -> None:
         future.set_exception(exc)
     except Exception:  # InvalidStateError: already resolved
         pass
-
-
-def freeze_for_cpu(features: nn.Module, input_size: int) -> torch.jit.ScriptModule | None:
-    """`features` traced at this input size and frozen: BatchNorm folded into the convolutions and
-    one call that runs without the GIL (2-core CPU, Lite0, one image: 9.9 ms against 16.4 ms eager).
-
-    None when tracing fails or the result differs from eager by more than FROZEN_TOLERANCE.
-    """
-    # torch.jit is deprecated upstream (a FutureWarning or DeprecationWarning, by version), but it
-    # is still the one way to run a CPU forward as one GIL-free call (exports use it too). A filter,
-    # not catch_warnings (not thread-safe), set on each call: test runners reset the filters.
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-    probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.contiguous(memory_format=torch.channels_last)
-    try:
-        with torch.inference_mode():
-            frozen = torch.jit.freeze(torch.jit.trace(features, probe, check_trace=False).eval())
-            error = (frozen(probe) - features(probe)).abs().max().item()
-    except Exception as exc:  # an untraceable backbone still serves, eagerly
-        log.warning("could not trace the backbone (%s); it runs eagerly", exc, extra={"action": "freeze_backbone"})
-        return None
-    if error > FROZEN_TOLERANCE:
-        log.warning("the traced backbone differs by %.2g; it runs eagerly", error, extra={"action": "freeze_backbone"})
-        return None
-    return frozen
-

@@ -389,3 +389,19 @@ def test_contradictory_job_options_are_a_422_saying_what_is_allowed(settings):
         resp = client.post("/v1/jobs", json={"dataset_id": "any", "strategy": "linear_probe", "cutmix_alpha": 1.0})
     assert resp.status_code == 422 and resp.headers["content-type"].startswith("application/problem+json")
     assert "cutmix" in resp.json()["detail"] and "mixup_alpha" in resp.json()["detail"]
+
+
+def test_on_a_cpu_features_for_the_head_come_from_the_frozen_backbone(data):
+    """A linear probe extracts its features with the traced, frozen backbone the API serves with
+    (faster), and they are the eager backbone's features within the freeze's tolerance."""
+    from workers.backbones import FROZEN_TOLERANCE
+    from workers.training import FeatureCache
+
+    features = SPEC.build_features(pretrained=True).eval()
+    cache = FeatureCache(features, data, CPU, Recorder())
+    assert isinstance(cache.features, torch.jit.ScriptModule)
+    with torch.no_grad():
+        eager = features(normalize(eval_crop(data.val_x, PRE), PRE))
+    assert cache.val.shape == eager.shape
+    assert (cache.val - eager).abs().max() <= FROZEN_TOLERANCE
+    assert not cache.val.is_inference(), "the head trains on these: they must be ordinary tensors"

@@ -6,6 +6,8 @@ missing file raises WeightsUnavailable saying where to put it (or to allow downl
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models import WeightsEnum
+
+log = logging.getLogger("graft.backbones")
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 _LITE0_TIMM_ARCH = "tf_efficientnet_lite0"  # TF port: "same" padding, BN eps 1e-3, ReLU6, as the weights expect
@@ -205,3 +209,33 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise KeyError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+
+
+FROZEN_TOLERANCE = 1e-3  # max |feature difference| a frozen backbone may show against eager; else eager runs
+
+
+def freeze_for_cpu(features: nn.Module, input_size: int) -> torch.jit.ScriptModule | None:
+    """`features` traced at this input size and frozen, for inference on a CPU: BatchNorm folded into
+    the convolutions and one call that runs without the GIL (2-core CPU, Lite0: 9.9 ms against
+    16.4 ms eager for one image, 11.4-12.1 against 20.6-20.9 ms per image at batch 8). The API's
+    inference engine serves with it and a linear probe extracts its features with it.
+
+    None when tracing fails or the result differs from eager by more than FROZEN_TOLERANCE.
+    """
+    # torch.jit is deprecated upstream (a FutureWarning or DeprecationWarning, by version), but it
+    # is still the one way to run a CPU forward as one GIL-free call (exports use it too). A filter,
+    # not catch_warnings (not thread-safe), set on each call: test runners reset the filters.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+    probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            frozen = torch.jit.freeze(torch.jit.trace(features, probe, check_trace=False).eval())
+            error = (frozen(probe) - features(probe)).abs().max().item()
+    except Exception as exc:  # an untraceable backbone still runs, eagerly
+        log.warning("could not trace the backbone (%s); it runs eagerly", exc, extra={"action": "freeze_backbone"})
+        return None
+    if error > FROZEN_TOLERANCE:
+        log.warning("the traced backbone differs by %.2g; it runs eagerly", error, extra={"action": "freeze_backbone"})
+        return None
+    return frozen

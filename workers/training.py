@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F_nn
 
 from workers.artifacts import Classifier
-from workers.backbones import Preprocessing, get_backbone
+from workers.backbones import Preprocessing, freeze_for_cpu, get_backbone
 from workers.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.metrics import classification_metrics
@@ -207,16 +207,20 @@ class FeatureCache:
     """Backbone features of the train and val images (eval crop), and of their mirrors on demand.
 
     Computed once per job: the linear probe trains on it, and auto's search reuses it for every
-    head it tries.
+    head it tries. On a CPU the backbone runs traced and frozen, as the API serves it: 1.7x faster
+    than eager at batch 8 on 2 cores, for a 0.85 s freeze, and the features a head is fitted to are
+    the ones it will be served with.
     """
 
     def __init__(self, features: nn.Module, data: PreparedData, device: torch.device, control: Control):
-        self.features, self.data, self.device, self.control = features, data, device, control
+        self.data, self.device, self.control = data, device, control
         control.progress({"phase": "extracting features"})
         started = time.perf_counter()
-        self.train = _features_of(features, eval_crop(data.train_x, data.preprocessing), data.preprocessing,
+        frozen = freeze_for_cpu(features, data.preprocessing.input_size) if device.type == "cpu" else None
+        self.features = frozen or features
+        self.train = _features_of(self.features, eval_crop(data.train_x, data.preprocessing), data.preprocessing,
                                   device, control)
-        self.val = _features_of(features, eval_crop(data.val_x, data.preprocessing), data.preprocessing,
+        self.val = _features_of(self.features, eval_crop(data.val_x, data.preprocessing), data.preprocessing,
                                 device, control)
         self.seconds = time.perf_counter() - started
         self.images = len(data.train_x) + len(data.val_x)

@@ -100,3 +100,30 @@ def test_decoded_square_is_pillows_bicubic_resize_and_center_crop():
         ours = square_u8(img, PRE)
         assert ours.shape == (3, s, s) and ours.dtype == torch.uint8
         assert (ours.int() - pillow.int()).abs().max() <= 2
+
+
+def test_a_second_linear_probe_on_the_dataset_reuses_the_first_ones_features(settings, uploaded):
+    """On a CPU worker, a later linear probe on the same dataset runs no backbone pass and says so;
+    its head is fitted to the same features, so the same recipe scores the same."""
+    from workers.training import REUSED_FEATURES
+    from workers.worker import Worker
+
+    REUSED_FEATURES.clear()
+    try:
+        with TestClient(create_app(settings)) as client:
+            recipes = [{"strategy": "linear_probe"}, {"strategy": "linear_probe", "learning_rate": 0.003},
+                       {"strategy": "linear_probe"}]
+            ids = [client.post("/v1/jobs", json={"dataset_id": uploaded, **r}).json()["id"] for r in recipes]
+            Worker(settings.model_copy(update={"worker_device": "cpu"})).run(max_jobs=len(ids))  # reuse is CPU-only
+            models = []
+            for job_id in ids:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                assert job["status"] == "succeeded", job
+                models.append(client.get(f"/v1/models/{job['model_id']}").json()["metrics"])
+        first, other_rate, same = models
+        assert first["features_reused"] is False and first["train_images_per_s"] > 0
+        assert other_rate["features_reused"] is True and other_rate["train_images_per_s"] is None
+        assert same["features_reused"] is True and same["val_accuracy"] == first["val_accuracy"]
+        assert same["val_loss"] == first["val_loss"]
+    finally:
+        REUSED_FEATURES.clear()

@@ -399,9 +399,38 @@ def test_on_a_cpu_features_for_the_head_come_from_the_frozen_backbone(data):
 
     features = SPEC.build_features(pretrained=True).eval()
     cache = FeatureCache(features, data, CPU, Recorder())
-    assert isinstance(cache.features, torch.jit.ScriptModule)
+    assert isinstance(cache.runner, torch.jit.ScriptModule)
     with torch.no_grad():
         eager = features(normalize(eval_crop(data.val_x, PRE), PRE))
     assert cache.val.shape == eager.shape
     assert (cache.val - eager).abs().max() <= FROZEN_TOLERANCE
     assert not cache.val.is_inference(), "the head trains on these: they must be ordinary tensors"
+
+
+def test_a_later_job_on_the_same_images_and_weights_reuses_the_features(data):
+    """Features on a CPU are kept for later jobs: the same pixels, split and backbone weights run no
+    backbone pass; other weights, or data without a source key, compute their own."""
+    import copy
+    import dataclasses
+
+    from workers.training import REUSED_FEATURES, FeatureCache
+
+    keyed = dataclasses.replace(data, source_key="hymenoptera-subset")
+    features = SPEC.build_features(pretrained=True).eval()
+    REUSED_FEATURES.clear()
+    try:
+        first = FeatureCache(features, keyed, CPU, Recorder())
+        assert not first.reused and first.images == len(data.train_x) + len(data.val_x)
+        mirror = first.mirror("train")
+        again = FeatureCache(copy.deepcopy(features), keyed, CPU, Recorder())
+        assert again.reused and again.images == 0
+        assert torch.equal(again.train, first.train) and again.mirror("train") is mirror and again.images == 0
+
+        changed = copy.deepcopy(features)
+        with torch.no_grad():
+            changed.conv_stem.weight.mul_(0.5)  # e.g. AdaBN-adapted or fine-tuned: other features
+        other = FeatureCache(changed, keyed, CPU, Recorder())
+        assert not other.reused and not torch.equal(other.train, first.train)
+        assert not FeatureCache(features, data, CPU, Recorder()).reused  # no source key: nothing shared
+    finally:
+        REUSED_FEATURES.clear()

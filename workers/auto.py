@@ -198,7 +198,7 @@ def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, fea
         r.metrics["train_images_per_s"] * r.metrics["train_seconds"] for c, r, _ in results
         if c.strategy != "linear_probe" and r.metrics["train_images_per_s"])
     metrics = {**best.metrics, "auto": report, "train_seconds": round(seconds, 3),
-               "train_images_per_s": round(backbone_images / seconds, 1) if seconds else None}
+               "train_images_per_s": round(backbone_images / seconds, 1) if seconds and backbone_images else None}
     # Probes share `features`; a later candidate may have moved it: the winner goes back to CPU.
     return TrainResult(best.classifier.to("cpu").float(), metrics, best.history, best_config.model_dump())
 

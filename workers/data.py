@@ -165,4 +165,6 @@ def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainC
         return images[idx], torch.tensor([labels[i] for i in idx.tolist()])
 
     (train_x, train_y), (val_x, val_y) = pick("train"), pick("val")
-    return PreparedData(classes, pre, train_x, train_y, val_x, val_y)
+    # The pixels (the decoded cache's key: decoder, preprocessing, ordered sha256s) and the split.
+    source_key = hashlib.sha256(f"{key}:{','.join(splits)}".encode()).hexdigest()
+    return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key)

@@ -48,6 +48,9 @@ print(" ".join(line.strip() for line in sys.stdin if "==" in line and norm(line.
   train)
     # >= 20k images at 224 px, as the target asks; batch 256 (bare loop at the same batch).
     "$PY" bench/train_throughput.py --images 20480 --batch-size 256 --epochs 2 | keep train_throughput
+    # BatchNorm on batch statistics, as the bare loop runs it: is frozen BN (eval-mode BN in trained
+    # stages) part of the gap?
+    "$PY" bench/train_throughput.py --images 20480 --batch-size 256 --epochs 2 --bn-mode train | keep train_throughput_bn_train
     ;;
   serve)
     export GRAFT_HYMENOPTERA=$(realpath "${2:?the hymenoptera folder}")
@@ -59,6 +62,9 @@ print(" ".join(line.strip() for line in sys.stdin if "==" in line and norm(line.
     "$PY" bench/preprocess.py --threads 1,4,8,16 --repeats 2 | keep preprocess
     "$PY" bench/predict_load.py --generator python --device cuda --files-per-request 64 --clients 1,4,16 \
       --seconds 6 --bare-seconds 3 | keep predict_load
+    # two engine threads: one batch's CPU work (stacking, copies) overlaps the other's forward
+    GRAFT_PREDICT_PARALLEL=2 "$PY" bench/predict_load.py --generator python --device cuda --files-per-request 64 \
+      --clients 16 --seconds 6 --bare-seconds 1 | keep predict_load_parallel2
     ;;
   *)
     echo "unknown part $part" >&2; exit 2 ;;

@@ -5,11 +5,11 @@
 
 Both train the same network (backbone + new head) with AdamW on the same decoded uint8 images.
 Graft's side is `workers.training.train` with `fine_tune` for `--epochs` epochs (`light`
-augmentation of whole batches, BatchNorm statistics frozen; on a GPU the images live on the
-device, bf16 autocast, channels_last, fused AdamW). Its rate is counted over the training steps of
-the last epoch (timestamps of the loop's own per-step progress calls; the first epoch pays for
-kernel selection, as the bare loop's warm-up steps do; the clock waits for the GPU only at that
-epoch's first and last step), and separately over the whole run. The
+augmentation of whole batches, BatchNorm statistics frozen unless `--bn-mode train`; on a GPU
+the images live on the device, bf16 autocast, channels_last, fused AdamW). Its rate is counted
+over the training steps of the last epoch (timestamps of the loop's own per-step progress calls;
+the first epoch pays for kernel selection, as the bare loop's warm-up steps do; the clock waits
+for the GPU only at that epoch's first and last step), and separately over the whole run. The
 bare side feeds one pre-made batch in a loop (no augmentation, no data movement, bf16 +
 channels_last + fused AdamW on a GPU): the ceiling for this backbone. Prints both and the ratio.
 """
@@ -95,13 +95,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--bn-mode", default="frozen", choices=("frozen", "train"),
+                        help="Graft's BatchNorm policy; the bare loop always uses batch statistics")
     args = parser.parse_args()
     device = pick_device()
     spec = get_backbone(args.backbone)
     pre = spec.preprocessing.at_size(args.image_size)
     data = synthetic(pre, args.images)
     config = TrainConfig(backbone=args.backbone, strategy="fine_tune", epochs=args.epochs, batch_size=args.batch_size,
-                         image_size=args.image_size, augmentation="light", patience=None)
+                         image_size=args.image_size, augmentation="light", patience=None, bn_mode=args.bn_mode)
     clock = StepClock(device)
     result = train(config, data, spec.build_features(pretrained=True), spec.feature_dim, clock, device)
     graft = clock.last_epoch_rate(args.images, args.batch_size)
@@ -110,7 +112,7 @@ def main() -> None:
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "images": args.images, "device": str(device),
         "machine": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores",
-        "epochs": args.epochs, "graft_images_per_s": round(graft, 1),
+        "epochs": args.epochs, "bn_mode": args.bn_mode, "graft_images_per_s": round(graft, 1),
         "graft_whole_run_images_per_s": result.metrics["train_images_per_s"],
         "bare_images_per_s": round(bare, 1), "ratio": round(graft / bare, 3),
     }, indent=2))

@@ -65,8 +65,8 @@ class InferenceEngine:
     torch_threads: intra-op threads of the forward (0: half the cores, at least one; the rest
     decode and serve HTTP). parallel: engine threads, each running its own forwards (0: on a CPU
     two when 2 x torch_threads fit the cores, so a second batch runs while the first does; one on
-    a GPU). optimize: trace and freeze
-    CPU backbones (False: the modules run as they are, forward hooks included).
+    a GPU). optimize: trace and freeze CPU backbones (False: the modules run as they are, forward
+    hooks included).
     """
 
     def __init__(self, device: str = "auto", max_batch: int = 0, window_ms: float | None = None,

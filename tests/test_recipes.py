@@ -434,3 +434,20 @@ def test_a_later_job_on_the_same_images_and_weights_reuses_the_features(data):
         assert not FeatureCache(features, data, CPU, Recorder()).reused  # no source key: nothing shared
     finally:
         REUSED_FEATURES.clear()
+
+
+def test_a_later_job_on_other_images_reuses_the_frozen_backbone(data):
+    """Freezing takes most of a second: a job on other images with the same weights uses the copy
+    an earlier job made; other weights get their own."""
+    import copy
+
+    from workers.training import FeatureCache
+
+    features = SPEC.build_features(pretrained=True).eval()
+    first = FeatureCache(features, data, CPU, Recorder()).runner
+    half = PreparedData(data.classes, PRE, data.train_x[:4], data.train_y[:4], data.val_x[:2], data.val_y[:2])
+    assert FeatureCache(copy.deepcopy(features), half, CPU, Recorder()).runner is first
+    changed = copy.deepcopy(features)
+    with torch.no_grad():
+        changed.conv_stem.weight.mul_(0.5)
+    assert FeatureCache(changed, half, CPU, Recorder()).runner is not first

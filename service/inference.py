@@ -63,9 +63,8 @@ class InferenceEngine:
     (0: MAX_BATCH for the device). window_ms: how long the engine waits for more requests once
     one is waiting (None: 0 on CPU, GPU_WINDOW_MS on GPU).
     torch_threads: intra-op threads of the forward (0: half the cores, at least one; the rest
-    decode and serve HTTP). parallel: engine threads, each running its own forwards (0: on a CPU
-    two when 2 x torch_threads fit the cores, so a second batch runs while the first does; one on
-    a GPU). optimize: trace and freeze CPU backbones (False: the modules run as they are, forward
+    decode and serve HTTP). parallel: engine threads, each running its own forwards (0: two on a CPU
+    whose passes run on one thread each, so a second batch runs while the first does; else one). optimize: trace and freeze CPU backbones (False: the modules run as they are, forward
     hooks included).
     """
 
@@ -77,9 +76,10 @@ class InferenceEngine:
         self.window_s = (GPU_WINDOW_MS if window_ms is None and on_gpu else window_ms or 0.0) / 1000
         self.threads = torch_threads or default_threads()
         self.optimize = optimize and not on_gpu
-        # Two CPU passes when their intra-op threads fit the cores together (more OpenMP threads
-        # than cores and libgomp's teams sleep between ops instead of spinning); a GPU runs one.
-        self.parallel = parallel or (1 if on_gpu else max(1, min(2, (os.cpu_count() or 1) // self.threads)))
+        # Two CPU passes where each runs on one thread (a 2-core machine by default): measured
+        # there. Wider passes stay one at a time: two OpenMP teams in a process stop libgomp's
+        # teams from spinning between ops (above), which was not measured for this. A GPU runs one.
+        self.parallel = parallel or (2 if not on_gpu and self.threads == 1 and (os.cpu_count() or 1) >= 2 else 1)
         self.forwards = 0  # backbone forward passes run: tests and benchmarks read it
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()

@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     predict_batch_window_ms: float | None = Field(None, ge=0, le=1000, description=(
         "how long a waiting request may wait for others to share its forward pass; unset = 0 on CPU, 2 on GPU"))
     predict_parallel: int = Field(0, ge=0, le=64, description=(
-        "forward passes the API runs at once, each on GRAFT_TORCH_THREADS threads; 0 = 2 on CPU (1 when "
-        "two passes' threads would outnumber the cores), 1 on GPU"))
+        "forward passes the API runs at once, each on GRAFT_TORCH_THREADS threads; 0 = 2 on a CPU where "
+        "each pass runs on one thread (2 cores by default), else 1"))
 
     @model_validator(mode="after")
     def _default_database(self) -> "Settings":

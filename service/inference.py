@@ -64,8 +64,9 @@ class InferenceEngine:
     one is waiting (None: 0 on CPU, GPU_WINDOW_MS on GPU).
     torch_threads: intra-op threads of the forward (0: half the cores, at least one; the rest
     decode and serve HTTP). parallel: engine threads, each running its own forwards (0: two on a CPU
-    whose passes run on one thread each, so a second batch runs while the first does; else one). optimize: trace and freeze CPU backbones (False: the modules run as they are, forward
-    hooks included).
+    whose passes run on one thread each, so a second batch runs while the first does; else one).
+    optimize: trace and freeze CPU backbones (False: the modules run as they are, forward hooks
+    included).
     """
 
     def __init__(self, device: str = "auto", max_batch: int = 0, window_ms: float | None = None,
@@ -308,7 +309,8 @@ class InferenceEngine:
         with self._preparing:
             if key not in self._heads:
                 # A copy without the backbone (already on the device), for head_logits and serving settings.
-                self._heads[key] = copy.deepcopy(classifier, memo={id(classifier.features): nn.Identity()}).to(self.device)
+                head = copy.deepcopy(classifier, memo={id(classifier.features): nn.Identity()})
+                self._heads[key] = head.to(self.device)
                 weakref.finalize(classifier, self._heads.pop, key, None)
             return self._heads[key]
 

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 from workers.backbones import Preprocessing
 from workers.imaging import decode_image
 
+
 def square_u8(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """Shorter side to pre.resize_size, center square crop: uint8 [3, S, S].
 

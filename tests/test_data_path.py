@@ -97,7 +97,7 @@ def test_decoded_square_is_pillows_bicubic_resize_and_center_crop():
         left, top = (size[0] - s) // 2, (size[1] - s) // 2
         pillow = F.pil_to_tensor(img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
                                  .crop((left, top, left + s, top + s)))
-        ours = square_u8(img, PRE)
+        ours = square_u8(F.pil_to_tensor(img), PRE)
         assert ours.shape == (3, s, s) and ours.dtype == torch.uint8
         assert (ours.int() - pillow.int()).abs().max() <= 2
 

@@ -15,13 +15,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 from service.blobs import BlobStore
 from service.errors import GraftError
 from service.ingest import ingest_zip
 from service.settings import Settings
-from workers.imaging import ImageRejected, decode_image, inspect_image
+from workers.imaging import ImageRejected, decode_image, decode_pixels, inspect_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_ingest_support import class_folders, encode, make_zip, noise  # noqa: E402
@@ -75,6 +76,11 @@ def check_zip(data: bytes, settings: Settings, blobs: BlobStore) -> None:
 
 
 def check_image(data: bytes) -> None:
+    try:  # what predict decodes: TorchCodec for most JPEGs, so hostile bytes reach it too
+        pixels = decode_pixels(data, draft_size=256)
+        assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3 and pixels.numel() > 0
+    except ImageRejected as exc:
+        assert str(exc)
     try:
         img = decode_image(data)
     except ImageRejected as exc:

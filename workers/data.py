@@ -48,7 +48,7 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> list[
 log = logging.getLogger("graft.worker")
 
 # Part of every cache key: bump it when decode_square's output changes for the same bytes.
-DECODER_VERSION = 2  # 2: torch's resize instead of Pillow's
+DECODER_VERSION = 3  # 2: torch's resize instead of Pillow's; 3: TorchCodec decodes most JPEGs
 
 
 class DecodedCache:
@@ -128,7 +128,7 @@ class DecodedCache:
 
 
 def decode_all(blobs: BlobStore, image_shas: list[str], pre: Preprocessing) -> torch.Tensor:
-    """Decode each image once, in parallel threads (Pillow releases the GIL), into one uint8 tensor."""
+    """Decode each image once, in parallel threads (decoders release the GIL), into one uint8 tensor."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         squares = list(pool.map(lambda sha: decode_square(blobs.read(sha), pre), image_shas))
     return torch.stack(squares)

@@ -13,7 +13,7 @@
 # dataset (a copy in an ignored folder, e.g. .gpudata/hymenoptera) with `serve`.
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PATH="$SITE/bin:$PATH"
 PY=${PY:-python3}
 part=${1:?usage: bench/gpu_suite.sh wheels|install|train|serve ...}
 
@@ -37,6 +37,8 @@ print(" ".join(line.strip() for line in sys.stdin if "==" in line and norm(line.
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$out" $pins
+    # py-spy (a sampling profiler, not a Graft dependency): predict_load's --gil-profile
+    python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 -d "$out" py-spy==0.4.3
     ls "$out" | wc -l; du -sh "$out"
     ;;
   install)
@@ -60,8 +62,10 @@ print(" ".join(line.strip() for line in sys.stdin if "==" in line and norm(line.
     "$PY" bench/e2e.py --strategy fine_tune --job '{"epochs": 15}' --repeat 3 --latency-requests 100 | keep e2e
     # the CPU side of each predicted image (decode, resize, crop) over this host's cores, then the load
     "$PY" bench/preprocess.py --threads 1,4,8,16 --repeats 2 | keep preprocess
+    # --gil-profile: how long per image the API process holds the GIL, by stage (py-spy; a row says
+    # gil_profile_error where the machine denies ptrace)
     "$PY" bench/predict_load.py --generator python --device cuda --files-per-request 64 --clients 1,4,16 \
-      --seconds 6 --bare-seconds 3 | keep predict_load
+      --seconds 6 --bare-seconds 3 --gil-profile | keep predict_load
     # two engine threads: one batch's CPU work (stacking, copies) overlaps the other's forward
     GRAFT_PREDICT_PARALLEL=2 "$PY" bench/predict_load.py --generator python --device cuda --files-per-request 64 \
       --clients 16 --seconds 6 --bare-seconds 1 | keep predict_load_parallel2

@@ -14,7 +14,9 @@ from Python threads holding one HTTP connection each (its own CPU cost then coun
 server's on a small machine). --device is passed to the server as GRAFT_PREDICT_DEVICE. The server
 it starts has no predict rate limit (with --url, the server's own limit applies: its 429s count as
 errors). Where the API process is local (its own server, or --data-dir), each run also prints that
-process's CPU time per image and how many cores it kept busy.
+process's CPU time per image and how many cores it kept busy; with --gil-profile (needs py-spy:
+pip install py-spy, and ptrace rights over the server) also how long per image one of its threads
+held the GIL, split by stage: that time bounds what one API process can serve, whatever the device.
 """
 from __future__ import annotations
 
@@ -163,6 +165,37 @@ def run_python(url: str, clients: int, seconds: int, body: bytes) -> dict:
             **{f"p{q}_ms": percentile([s * 1000 for s in latencies], q) for q in (50, 95, 99)}}
 
 
+# Where the API process holds the GIL, by the frames on the holder's stack (first match wins).
+GIL_STAGES = (("decode_and_crop", ("predict.<locals>.crop",)),
+              ("inference_engine", ("service/inference.py",)),
+              ("multipart_parsing", ("python_multipart", "starlette/formparsers.py")),
+              ("http_and_the_rest", ("",)))
+
+
+def start_gil_profile(pid: int, seconds: int) -> tuple[subprocess.Popen, Path]:
+    """py-spy sampling, 250 times a second, the stack of whichever server thread holds the GIL."""
+    out = Path(tempfile.mkdtemp()) / "gil.txt"
+    return subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--rate", "250", "--duration", str(seconds),
+                             "--format", "raw", "--output", str(out), "--pid", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
+
+
+def read_gil_profile(profile: tuple[subprocess.Popen, Path], seconds: int, images_s: float) -> dict:
+    """GIL-held share of the wall clock and milliseconds per served image, by stage."""
+    spy, out = profile
+    _, err = spy.communicate()
+    if spy.returncode != 0 or not out.exists():
+        return {"gil_profile_error": err.strip()[-300:]}
+    samples = {name: 0 for name, _ in GIL_STAGES}
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        samples[next(name for name, keys in GIL_STAGES if any(k in stack for k in keys))] += int(count)
+    to_ms = 1000 / 250 / max(images_s * seconds, 1)
+    return {"server_gil_busy": round(sum(samples.values()) / 250 / seconds, 3),
+            "server_gil_ms_per_image": round(sum(samples.values()) * to_ms, 3),
+            "server_gil_ms_per_image_by_stage": {name: round(n * to_ms, 3) for name, n in samples.items()}}
+
+
 def measure(url: str, model_id: str, data_dir: Path | None, args) -> dict:
     image = args.image.read_bytes()
     body = multipart_body(image, args.files_per_request)
@@ -184,9 +217,13 @@ def measure(url: str, model_id: str, data_dir: Path | None, args) -> dict:
     # The API process's CPU time per served image says what bounds it: near 1 core busy with the
     # rest idle is the GIL (one Python thread at a time), all cores busy is decoding.
     pid = server_pid(data_dir) if data_dir is not None else None
+    if args.gil_profile and not pid:
+        raise SystemExit("--gil-profile needs the API process here: its own server, or --data-dir")
+    profile_s = max(1, args.seconds - 1)  # py-spy attaches as the run starts and stops before it ends
     rows = []
     for clients in args.clients:
         cpu_before = cpu_seconds(pid) if pid else None
+        profile = start_gil_profile(pid, profile_s) if args.gil_profile else None
         run = (run_wrk(target, clients, args.seconds, script) if generator == "wrk"
                else run_python(target, clients, args.seconds, body))
         images = (run["requests"] - run["errors"]) * args.files_per_request
@@ -198,6 +235,8 @@ def measure(url: str, model_id: str, data_dir: Path | None, args) -> dict:
             cpu = cpu_seconds(pid) - cpu_before
             row["server_cores_busy"] = round(cpu / run["seconds"], 2)
             row["server_cpu_ms_per_image"] = round(1000 * cpu / max(images, 1), 2)
+        if profile is not None:
+            row.update(read_gil_profile(profile, profile_s, images_s))
         if "bare_forward_img_s" in result:
             row["vs_bare_forward"] = round(images_s / result["bare_forward_img_s"], 3)
         rows.append(row)
@@ -220,7 +259,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]: GRAFT_PREDICT_DEVICE of the "
                         "server this starts, and where the bare forward runs")
     parser.add_argument("--generator", choices=("wrk", "python"), help="default: wrk if installed")
+    parser.add_argument("--gil-profile", action="store_true", help="also sample the API process with py-spy")
     args = parser.parse_args()
+    if args.gil_profile and not shutil.which("py-spy"):
+        raise SystemExit("py-spy is not installed (pip install py-spy)")
     if args.generator == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.url:

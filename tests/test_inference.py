@@ -182,6 +182,9 @@ def test_a_corrupt_image_among_good_ones_is_a_422_naming_it_and_the_engine_keeps
     resp = client.post(f"/v1/models/{ids['probe']}/predict", files=files)
     assert_problem(resp, 422, "broken.jpg")
     assert resp.json()["filename"] == "broken.jpg"
+    files += [("file", ("later-broken.jpg", b"not an image")), ("file", ("last-fine.jpg", good))]
+    first_bad = client.post(f"/v1/models/{ids['probe']}/predict", files=files).json()["filename"]
+    assert first_bad == "broken.jpg"  # of two bad files, the first is named
     assert_problem(client.post(f"/v1/models/{ids['probe']}/predict", files={"file": ("empty.jpg", b"")}), 422, "empty")
     assert post(client, ids["probe"], PHOTOS[:2]).status_code == 200
 

@@ -73,9 +73,10 @@ def decode_pixels(data: bytes, draft_size: int | None = None, max_pixels: int = 
 
     A JPEG that passes the header checks and that draft scaling would not shrink decodes in
     TorchCodec: the same libjpeg-turbo pixels as Pillow, EXIF orientation included (tests hold
-    this), 1.5x faster, and without the GIL: Pillow held it for ~0.9 ms of each 500x375 photo, which
-    capped one API process's parallel decoding of a batch predict at ~1,100 images/s. The rest,
-    and any JPEG TorchCodec refuses, go through Pillow, which also words the rejection.
+    this), a sixth faster, and mostly without the GIL: Pillow held it for ~0.9 ms of each 500x375
+    photo (TorchCodec 0.4 ms, most of it Pillow's header check), which capped one API process's
+    parallel decoding of a batch predict near 1,100 images/s. The rest, and any JPEG TorchCodec
+    refuses, go through Pillow, which also words the rejection.
     """
     if data[:2] == b"\xff\xd8" and _full_size_jpeg(data, draft_size, max_pixels):
         try:

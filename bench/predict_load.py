@@ -170,13 +170,14 @@ GIL_STAGES = (("decode_and_crop", ("predict.<locals>.crop",)),
               ("inference_engine", ("service/inference.py",)),
               ("multipart_parsing", ("python_multipart", "starlette/formparsers.py")),
               ("http_and_the_rest", ("",)))
+GIL_SAMPLE_HZ = 250
 
 
 def start_gil_profile(pid: int, seconds: int) -> tuple[subprocess.Popen, Path]:
-    """py-spy sampling, 250 times a second, the stack of whichever server thread holds the GIL."""
+    """py-spy sampling the stack of whichever server thread holds the GIL, GIL_SAMPLE_HZ times a second."""
     out = Path(tempfile.mkdtemp()) / "gil.txt"
-    return subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--rate", "250", "--duration", str(seconds),
-                             "--format", "raw", "--output", str(out), "--pid", str(pid)],
+    return subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--rate", str(GIL_SAMPLE_HZ),
+                             "--duration", str(seconds), "--format", "raw", "--output", str(out), "--pid", str(pid)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
 
@@ -184,14 +185,16 @@ def read_gil_profile(profile: tuple[subprocess.Popen, Path], seconds: int, image
     """GIL-held share of the wall clock and milliseconds per served image, by stage."""
     spy, out = profile
     _, err = spy.communicate()
-    if spy.returncode != 0 or not out.exists():
+    lines = out.read_text().splitlines() if out.exists() else []
+    shutil.rmtree(out.parent, ignore_errors=True)
+    if spy.returncode != 0 or not lines:
         return {"gil_profile_error": err.strip()[-300:]}
     samples = {name: 0 for name, _ in GIL_STAGES}
-    for line in out.read_text().splitlines():
+    for line in lines:
         stack, _, count = line.rpartition(" ")
         samples[next(name for name, keys in GIL_STAGES if any(k in stack for k in keys))] += int(count)
-    to_ms = 1000 / 250 / max(images_s * seconds, 1)
-    return {"server_gil_busy": round(sum(samples.values()) / 250 / seconds, 3),
+    to_ms = 1000 / GIL_SAMPLE_HZ / max(images_s * seconds, 1)
+    return {"server_gil_busy": round(sum(samples.values()) / GIL_SAMPLE_HZ / seconds, 3),
             "server_gil_ms_per_image": round(sum(samples.values()) * to_ms, 3),
             "server_gil_ms_per_image_by_stage": {name: round(n * to_ms, 3) for name, n in samples.items()}}
 

@@ -32,7 +32,9 @@ from workers.config import TrainConfig  # noqa: E402
 from workers.data import stratified_split  # noqa: E402
 from workers.imaging import ImageRejected  # noqa: E402
 from workers.preprocessing import decode_square  # noqa: E402
-from workers.training import PreparedData, pick_device, train  # noqa: E402
+from workers.device import pick_device  # noqa: E402
+from workers.training import PreparedData, train  # noqa: E402
+from workers.training.contract import NullControl  # noqa: E402
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "hymenoptera"
 BENCHMARKS = REPO / "docs" / "benchmarks.md"
@@ -77,14 +79,6 @@ GRIDS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
-class Quiet:
-    def checkpoint(self) -> None:
-        pass
-
-    def progress(self, update: dict) -> None:
-        pass
-
-
 def load_folder(root: Path, image_size: int, backbone: str, seed: int) -> PreparedData:
     pre = get_backbone(backbone).preprocessing.at_size(image_size)
     has_split = (root / "train").is_dir() and (root / "val").is_dir()
@@ -119,7 +113,7 @@ def run_recipe(overrides: dict, data: PreparedData, args, seed: int) -> dict:
     spec = get_backbone(args.backbone)
     features = spec.build_features(pretrained=True)
     started = time.perf_counter()
-    result = train(config, data, features, spec.feature_dim, Quiet(), pick_device())
+    result = train(config, data, features, spec.feature_dim, NullControl(), pick_device())
     m = result.metrics
     return {"val_accuracy": m["val_accuracy"], "ece_before": m["calibration"]["ece_before"],
             "ece_after": m["calibration"]["ece_after"], "seconds": time.perf_counter() - started,

@@ -76,7 +76,7 @@ def train_model(url: str) -> str:
 def bare_rates(data_dir: Path | None, url: str, model_id: str, image: bytes, batch: int, device: torch.device,
                seconds: float) -> dict:
     """The same model in this process at the same batch size: forward only, and decode + forward."""
-    from service.inference import default_threads
+    from service.serving.engine import default_threads
     from workers.backbones import freeze_for_cpu
     from workers.artifacts import load_artifact
     from workers.preprocessing import decode_square, eval_crop, normalize
@@ -167,7 +167,7 @@ def run_python(url: str, clients: int, seconds: int, body: bytes) -> dict:
 
 # Where the API process holds the GIL, by the frames on the holder's stack (first match wins).
 GIL_STAGES = (("decode_and_crop", ("predict.<locals>.crop",)),
-              ("inference_engine", ("service/inference.py",)),
+              ("inference_engine", ("service/serving/engine.py",)),
               ("multipart_parsing", ("python_multipart", "starlette/formparsers.py")),
               ("http_and_the_rest", ("",)))
 GIL_SAMPLE_HZ = 250

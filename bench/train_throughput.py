@@ -28,7 +28,8 @@ from workers.artifacts import Classifier
 from workers.backbones import get_backbone
 from workers.config import TrainConfig
 from workers.preprocessing import eval_crop, normalize
-from workers.training import PreparedData, pick_device, train
+from workers.device import pick_device
+from workers.training import PreparedData, train
 
 
 class StepClock:
@@ -39,7 +40,7 @@ class StepClock:
         self.device = device
         self.times: list[float] = []  # perf_counter at the end of the last epoch's first and last step
 
-    def checkpoint(self) -> None:
+    def stop_if_asked(self) -> None:
         pass
 
     def progress(self, update: dict) -> None:

@@ -1,9 +1,9 @@
 """Alembic environment: the same migrations on SQLite (batch mode) and PostgreSQL."""
 from alembic import context
 
-from service.db import make_engine
+from service.store.db import make_engine
 from service.settings import Settings
-from service.tables import Base
+from service.store.tables import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().database_url

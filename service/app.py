@@ -7,20 +7,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.auth import RateLimiter
-from service.blobs import BlobStore
-from service.db import Database
-from service.errors import install_error_handlers
-from service.exports import Exporter
-from service.inference import InferenceEngine
-from service.limits import BodySizeLimit
-from service.openapi import install_problem_docs
-from service.observability import install_observability
-from service.predictor import ModelCache
-from service.queue import JobQueue
-from service.routers import backbones, datasets, health, jobs, models, projects, workers
-from service.routers import export as export_router
-from service.routers.dashboard import install_dashboard
+from service.api.auth import RateLimiter
+from service.store.blobs import BlobStore
+from service.store.db import Database
+from service.api.problems import install_error_handlers
+from service.serving.exports import Exporter
+from service.serving.engine import InferenceEngine
+from service.api.limits import BodySizeLimit
+from service.api.openapi import install_problem_docs
+from service.api.observability import install_observability
+from service.serving.model_cache import ModelCache
+from service.store.queue import JobQueue
+from service.api.routes import backbones, datasets, health, jobs, models, projects, workers
+from service.api.routes import export as export_router
+from service.api.routes.dashboard import install_dashboard
 from service.settings import Settings, get_settings
 
 

@@ -1,16 +1,6 @@
-"""Domain errors, and their one translation to RFC 9457 problem+json responses."""
+"""Domain errors: what went wrong, for whom, and the HTTP status it maps to (service/api/problems.py
+turns them into problem+json, in one place)."""
 from __future__ import annotations
-
-import logging
-from http import HTTPStatus
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("graft.api")
-PROBLEM_JSON = "application/problem+json"
 
 
 class GraftError(Exception):
@@ -59,33 +49,3 @@ class UnsupportedMediaType(GraftError):
 
 class PayloadTooLarge(GraftError):
     status, code = 413, "payload_too_large"
-
-
-def problem(status: int, detail: str, code: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
-    body = {"type": f"https://graft.dev/problems/{code}", "title": HTTPStatus(status).phrase,
-            "status": status, "detail": detail, "code": code, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GraftError)
-    async def _graft(_: Request, exc: GraftError):
-        return problem(exc.status, exc.detail, exc.code, headers=exc.headers, **exc.extra)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
-        return problem(422, f"invalid request: {where}", "validation_error", errors=errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = "no such route; see /docs for the API"
-        return problem(exc.status_code, detail, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return problem(500, "internal error; this is a bug in Graft, please report it", "internal_error")

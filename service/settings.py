@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="worker processes `graft serve` starts")
     allow_downloads: bool = False
 
-    # API keys and quotas (service/auth.py). auth_required unset: open on a loopback address only.
+    # API keys and quotas (service/api/auth.py). auth_required unset: open on a loopback address only.
     auth_required: bool | None = None
     allow_open_network: bool = Field(False, description="serve without keys on a non-loopback address")
     max_concurrent_jobs: int = Field(8, ge=0, description="per project, queued + running; 0 = no limit")

@@ -4,7 +4,7 @@ The API validates requests with this model and stores the resolved recipe on the
 reads it back. Defaults depend on the strategy, so they are resolved here and nowhere else.
 
 `strategy="auto"` (the default) leaves the searchable fields (`learning_rate`, `weight_decay`,
-`head`, `tta_flip`, ...) as None: None means "auto chooses" (see workers/auto.py). Fields the
+`head`, `tta_flip`, ...) as None: None means "auto chooses" (see workers/training/auto.py). Fields the
 user sets are kept fixed by the search. Every other strategy gets its defaults filled in here,
 so a stored job config is always complete and re-validates to the same recipe.
 """

@@ -20,14 +20,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
-from service.blobs import BlobStore
-from service.db import Database
-from service.tables import Dataset, DatasetImage
+from service.store.blobs import BlobStore
+from service.store.db import Database
+from service.store.tables import Dataset, DatasetImage
 from workers.backbones import Preprocessing
 from workers.config import TrainConfig
 from workers.errors import JobError
 from workers.preprocessing import decode_square
-from workers.training import Control, PreparedData
+from workers.training.contract import Control, PreparedData
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> list[str]:
@@ -158,7 +158,7 @@ def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainC
         images = decode_all(blobs, shas, pre)
         if cache is not None:
             cache.put(key, images)
-    control.checkpoint()
+    control.stop_if_asked()
 
     def pick(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor([i for i, s in enumerate(splits) if s == split], dtype=torch.long)

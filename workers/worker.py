@@ -13,36 +13,22 @@ import uuid
 
 import torch
 
-from service.blobs import BlobStore
-from service.db import Database, utcnow
-from service.queue import Claim, JobQueue
+from service.store.blobs import BlobStore
+from service.store.db import Database, utcnow
+from service.store.queue import Claim, JobQueue
 from service.settings import Settings
-from service.tables import Model
-from service.wakeups import JobWaiter
+from service.store.tables import Model
+from service.store.wakeups import JobWaiter
 from workers.artifacts import Classifier, pretrained_fingerprint, write_artifact
 from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
 from workers.checkpoints import prune_checkpoints, read_checkpoint, write_checkpoint
 from workers.config import TrainConfig
 from workers.data import DecodedCache, prepare_data
 from workers.errors import JobError, StopJob
-from workers.training import pick_device, train
+from workers.device import resolve_device
+from workers.training import train
 
 log = logging.getLogger("graft.worker")
-
-
-def resolve_device(setting: str) -> torch.device:
-    """`auto`: the first GPU if any, else CPU; `cuda:N` must exist, or the worker refuses to start."""
-    if setting == "auto":
-        return pick_device()
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise SystemExit(f"device {setting} is not available on this machine "
-                             f"({torch.cuda.device_count()} GPU(s) visible)")
-        # a bare "cuda" means the current GPU; torch.cuda.set_device refuses a device without an index
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    return device
 
 
 class LeaseControl:
@@ -91,7 +77,7 @@ class LeaseControl:
             if state != "ok":
                 self.stop_reason = state  # "cancel" or "lost"
 
-    def checkpoint(self) -> None:
+    def stop_if_asked(self) -> None:
         if self.stop_reason:
             raise StopJob(self.stop_reason)
         if self.worker.drain_deadline is not None and time.monotonic() >= self.worker.drain_deadline:
@@ -294,7 +280,7 @@ class Worker:
             raise JobError("weights_missing", str(exc)) from None
         data = prepare_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded)
         result = train(config, data, features, spec.feature_dim, control, self.device)
-        control.checkpoint()
+        control.stop_if_asked()
         model_id = uuid.uuid4().hex
         metrics = {**result.metrics, "history": result.history, "device": str(self.device)}
         manifest = {"model_id": model_id, "job_id": claim.job_id, "dataset_id": claim.dataset_id,

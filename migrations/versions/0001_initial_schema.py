@@ -6,7 +6,7 @@ Create Date: 2026-11-26 16:13:05.411159
 """
 from alembic import op
 import sqlalchemy as sa
-import service.db
+import service.store.db
 
 
 revision = '0001'
@@ -19,7 +19,7 @@ def upgrade() -> None:
     op.create_table('dataset',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('created_at', service.db.UTCDateTime(), nullable=False),
+    sa.Column('created_at', service.store.db.UTCDateTime(), nullable=False),
     sa.Column('classes', sa.JSON(), nullable=False),
     sa.Column('class_counts', sa.JSON(), nullable=False),
     sa.Column('split_counts', sa.JSON(), nullable=False),
@@ -49,13 +49,13 @@ def upgrade() -> None:
     sa.Column('config', sa.JSON(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('priority', sa.Integer(), nullable=False),
-    sa.Column('created_at', service.db.UTCDateTime(), nullable=False),
-    sa.Column('run_after', service.db.UTCDateTime(), nullable=False),
-    sa.Column('started_at', service.db.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', service.db.UTCDateTime(), nullable=True),
+    sa.Column('created_at', service.store.db.UTCDateTime(), nullable=False),
+    sa.Column('run_after', service.store.db.UTCDateTime(), nullable=False),
+    sa.Column('started_at', service.store.db.UTCDateTime(), nullable=True),
+    sa.Column('finished_at', service.store.db.UTCDateTime(), nullable=True),
     sa.Column('worker_id', sa.String(length=200), nullable=True),
     sa.Column('lease_token', sa.String(length=32), nullable=True),
-    sa.Column('heartbeat_at', service.db.UTCDateTime(), nullable=True),
+    sa.Column('heartbeat_at', service.store.db.UTCDateTime(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('max_attempts', sa.Integer(), nullable=False),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
@@ -74,7 +74,7 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('job_id', sa.String(length=32), nullable=False),
     sa.Column('dataset_id', sa.String(length=32), nullable=False),
-    sa.Column('created_at', service.db.UTCDateTime(), nullable=False),
+    sa.Column('created_at', service.store.db.UTCDateTime(), nullable=False),
     sa.Column('backbone', sa.String(length=64), nullable=False),
     sa.Column('classes', sa.JSON(), nullable=False),
     sa.Column('metrics', sa.JSON(), nullable=False),

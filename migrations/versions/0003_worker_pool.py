@@ -6,7 +6,7 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
-import service.db
+import service.store.db
 
 revision = "0003_worker_pool"
 down_revision = "0001"
@@ -26,7 +26,7 @@ def upgrade() -> None:
         "job_event",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("job_id", sa.String(length=32), nullable=False),
-        sa.Column("created_at", service.db.UTCDateTime(), nullable=False),
+        sa.Column("created_at", service.store.db.UTCDateTime(), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("data", sa.JSON(), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["job.id"], name=op.f("fk_job_event_job_id_job"), ondelete="CASCADE"),
@@ -40,10 +40,10 @@ def upgrade() -> None:
         sa.Column("host", sa.String(length=255), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("device", sa.String(length=32), nullable=False),
-        sa.Column("started_at", service.db.UTCDateTime(), nullable=False),
-        sa.Column("heartbeat_at", service.db.UTCDateTime(), nullable=False),
+        sa.Column("started_at", service.store.db.UTCDateTime(), nullable=False),
+        sa.Column("heartbeat_at", service.store.db.UTCDateTime(), nullable=False),
         sa.Column("current_job_id", sa.String(length=32), nullable=True),
-        sa.Column("stopped_at", service.db.UTCDateTime(), nullable=True),
+        sa.Column("stopped_at", service.store.db.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_worker")),
     )
 

@@ -8,7 +8,7 @@ Revises: 0002_datasets, 0003_worker_pool
 import sqlalchemy as sa
 from alembic import op
 
-import service.db
+import service.store.db
 
 revision = "0004_projects_and_keys"
 down_revision = ("0002_datasets", "0003_worker_pool")
@@ -23,13 +23,13 @@ def upgrade() -> None:
         "project",
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("name", sa.String(length=100), nullable=False),
-        sa.Column("created_at", service.db.UTCDateTime(), nullable=False),
+        sa.Column("created_at", service.store.db.UTCDateTime(), nullable=False),
         sa.Column("quotas", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_project")),
         sa.UniqueConstraint("name", name=op.f("uq_project_name")),
     )
     # Everything that existed before keys belongs to the default project.
-    op.bulk_insert(project, [{"id": "default", "name": "default", "created_at": service.db.utcnow(), "quotas": {}}])
+    op.bulk_insert(project, [{"id": "default", "name": "default", "created_at": service.store.db.utcnow(), "quotas": {}}])
     op.create_table(
         "api_key",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -38,9 +38,9 @@ def upgrade() -> None:
         sa.Column("prefix", sa.String(length=16), nullable=False),
         sa.Column("key_hash", sa.String(length=64), nullable=False),
         sa.Column("scope", sa.String(length=16), nullable=False),
-        sa.Column("created_at", service.db.UTCDateTime(), nullable=False),
-        sa.Column("last_used_at", service.db.UTCDateTime(), nullable=True),
-        sa.Column("revoked_at", service.db.UTCDateTime(), nullable=True),
+        sa.Column("created_at", service.store.db.UTCDateTime(), nullable=False),
+        sa.Column("last_used_at", service.store.db.UTCDateTime(), nullable=True),
+        sa.Column("revoked_at", service.store.db.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(["project_id"], ["project.id"], name=op.f("fk_api_key_project_id_project"),
                                 ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_key")),

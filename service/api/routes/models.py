@@ -1,0 +1,44 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+
+from service.api import quotas
+from service.api.auth import PredictCaller, TrainCaller
+from service.datasets.catalog import get_or_404, list_rows, ready_model, stored_model_errors
+from service.api.deps import InferenceDep, ModelCacheDep, RateLimiterDep, ReadSessionDep, SessionDep, SettingsDep
+from service.errors import InvalidInput
+from service.serving.model_cache import predict
+from service.api.routes._multipart import require_multipart
+from service.api.schemas import ModelOut, PredictResponse
+from service.store.tables import Model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("")
+def list_models(caller: TrainCaller, session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> list[ModelOut]:
+    """Trained models, newest first."""
+    return [ModelOut.model_validate(m) for m in list_rows(session, Model, caller.project_id, limit, offset)]
+
+
+@router.get("/{model_id}")
+def get_model(model_id: str, caller: TrainCaller, session: SessionDep) -> ModelOut:
+    return ModelOut.model_validate(get_or_404(session, Model, model_id, "model", caller.project_id))
+
+
+@router.post("/{model_id}/predict", dependencies=[Depends(require_multipart)])
+def predict_images(model_id: str, caller: PredictCaller, session: ReadSessionDep, cache: ModelCacheDep,
+                   settings: SettingsDep, limiter: RateLimiterDep, engine: InferenceDep,
+                   file: Annotated[list[UploadFile], File(description="one or more images")],
+                   top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> PredictResponse:
+    """Class probabilities for each uploaded image, in upload order. A job id works once it succeeded."""
+    limiter.hit(caller.project_id, "predict",
+                quotas.quota(session, settings, caller.project_id, "predict_rate_per_minute"))
+    row = ready_model(session, model_id, caller.project_id)
+    if len(file) > settings.max_predict_files:
+        raise InvalidInput(f"{len(file)} files sent; at most {settings.max_predict_files} per request")
+    files = [(f.filename or f"file{i}", f.file.read()) for i, f in enumerate(file)]
+    with stored_model_errors(row.id):
+        loaded = cache.get(row)
+    return PredictResponse(model_id=row.id, results=predict(engine, loaded, files, top_k))

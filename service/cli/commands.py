@@ -1,0 +1,343 @@
+"""Commands that use a running Graft over HTTP (GRAFT_URL, GRAFT_API_KEY). They import no torch
+and no server code, so they start fast on any machine."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from service.cli.base import JsonOpt, app, datasets_app, err, jobs_app, models_app, out
+from service.client import GraftClient
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    safetensors = "safetensors"
+    torchscript = "torchscript"
+
+
+
+def _client(ctx: typer.Context) -> GraftClient:
+    obj = ctx.find_root().obj or {}
+    return GraftClient(obj.get("url"), obj.get("api_key"))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))  # plain print: exact JSON, no rich wrapping or markup
+
+
+@datasets_app.command("upload")
+def datasets_upload(ctx: typer.Context,
+                    path: Annotated[Path, typer.Argument(exists=True, help="a folder of <label>/<image> or "
+                                                         "train|val/<label>/<image>, or a zip of one")],
+                    name: Annotated[Optional[str], typer.Option(help="(default: the folder or file name)")] = None,
+                    as_json: JsonOpt = False):
+    """Upload a folder (zipped on the fly) or a zip; prints the dataset report."""
+    with _client(ctx) as client, _transfer_progress() as progress:
+        zipping = progress.add_task("zipping", total=None, visible=path.is_dir())
+        uploading = progress.add_task("uploading", total=None)
+        dataset = client.upload_dataset(
+            path, name,
+            zip_progress=lambda done, total: progress.update(zipping, completed=done, total=total),
+            upload_progress=lambda done, total: progress.update(uploading, completed=done, total=total))
+        progress.update(uploading, description="uploaded")
+    if as_json:
+        return _print_json(dataset)
+    _show_dataset(dataset)
+
+
+@datasets_app.command("list")
+def datasets_list(ctx: typer.Context, as_json: JsonOpt = False):
+    """Datasets, newest first."""
+    with _client(ctx) as client:
+        rows = client.list_datasets()
+    if as_json:
+        return _print_json(rows)
+    table = Table("id", "name", "created", "images", "classes", "rejected", title="datasets")
+    for d in rows:
+        table.add_row(d["id"], d["name"], _when(d["created_at"]), str(d["num_images"]),
+                      ", ".join(d["classes"]), str(len(d["rejected"])))
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(ctx: typer.Context, dataset_id: str, as_json: JsonOpt = False):
+    """One dataset's report: classes, counts per split, skipped files."""
+    with _client(ctx) as client:
+        dataset = client.get_dataset(dataset_id)
+    if as_json:
+        return _print_json(dataset)
+    _show_dataset(dataset)
+
+
+def _show_dataset(d: dict, max_rejected: int = 20) -> None:
+    splits = sorted(d["split_counts"])
+    out.print(f"dataset [bold]{d['name']}[/]  id {d['id']}", highlight=False)
+    table = Table("class", *splits, "total")
+    for label in d["classes"]:
+        table.add_row(label, *(str(d["split_counts"][s].get(label, 0)) for s in splits),
+                      str(d["class_counts"].get(label, 0)))
+    table.add_row("[bold]all[/]", *(str(sum(d["split_counts"][s].values())) for s in splits),
+                  f"[bold]{d['num_images']}[/]")
+    out.print(table)
+    split = "kept from the train/ and val/ folders" if d["has_val_split"] else "held out per job (val_fraction)"
+    out.print(f"validation split: {split}")
+    report = d.get("report") or {}
+    for problem in report.get("problems", []):
+        out.print(f"[red]cannot train:[/] {problem}", highlight=False)
+    for warning in report.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    rejected = d["rejected"]
+    if not rejected:
+        out.print("[green]every file was usable[/]")
+        return
+    out.print(f"[yellow]{len(rejected)} file(s) skipped:[/]")
+    for r in rejected[:max_rejected]:
+        out.print(f"  {r['path']}: {r['reason']}", markup=False)
+    if len(rejected) > max_rejected:
+        out.print(f"  … and {len(rejected) - max_rejected} more (see --json)")
+
+
+# POST /v1/jobs fields as options; None leaves the server's default (the server validates).
+_JOB_HELP = {
+    "backbone": "a name from GET /v1/backbones (default: efficientnet_lite0)",
+    "strategy": "linear_probe | fine_tune (default: linear_probe)",
+    "epochs": "(default: 60 linear_probe, 10 fine_tune)",
+    "batch_size": "(default: 32)",
+    "learning_rate": "(default: 1e-3 linear_probe, 5e-4 fine_tune)",
+    "weight_decay": "(default: 0.01 linear_probe, 0.05 fine_tune)",
+    "augmentation": "none | light | strong, fine_tune only (default: light)",
+    "image_size": "crop side in pixels (default: the backbone's)",
+    "val_fraction": "held out when the dataset has no val/ (default: 0.2)",
+    "seed": "(default: 0)",
+    "priority": "lower runs first (default: 0)",
+}
+
+
+def _job(field: str):
+    return typer.Option(help=_JOB_HELP[field], show_default=False)
+
+
+@app.command()
+def train(ctx: typer.Context,
+          dataset_id: Annotated[str, typer.Argument(metavar="DATASET", help="a dataset id")],
+          backbone: Annotated[Optional[str], _job("backbone")] = None,
+          strategy: Annotated[Optional[str], _job("strategy")] = None,
+          epochs: Annotated[Optional[int], _job("epochs")] = None,
+          batch_size: Annotated[Optional[int], _job("batch_size")] = None,
+          learning_rate: Annotated[Optional[float], _job("learning_rate")] = None,
+          weight_decay: Annotated[Optional[float], _job("weight_decay")] = None,
+          augmentation: Annotated[Optional[str], _job("augmentation")] = None,
+          image_size: Annotated[Optional[int], _job("image_size")] = None,
+          val_fraction: Annotated[Optional[float], _job("val_fraction")] = None,
+          seed: Annotated[Optional[int], _job("seed")] = None,
+          priority: Annotated[Optional[int], _job("priority")] = None,
+          watch: Annotated[bool, typer.Option("--watch", "-w", help="follow it live, then print metrics")] = False,
+          as_json: JsonOpt = False):
+    """Start a training job on a dataset; with --watch, follow it to the end."""
+    options = dict(backbone=backbone, strategy=strategy, epochs=epochs, batch_size=batch_size,
+                   learning_rate=learning_rate, weight_decay=weight_decay, augmentation=augmentation,
+                   image_size=image_size, val_fraction=val_fraction, seed=seed, priority=priority)
+    with _client(ctx) as client:
+        job = client.create_job(dataset_id, **options)
+        if not watch:
+            if as_json:
+                return _print_json(job)
+            out.print(f"job [bold]{job['id']}[/] {job['status']}; follow it with `graft jobs watch {job['id']}`")
+            return
+        if not as_json:
+            err.print(f"job [bold]{job['id']}[/] queued")
+        _watch(client, job, as_json)
+
+
+@jobs_app.command("watch")
+def jobs_watch(ctx: typer.Context, job_id: str, as_json: JsonOpt = False):
+    """Follow a job live to its end, then print its metrics."""
+    with _client(ctx) as client:
+        _watch(client, client.get_job(job_id), as_json)
+
+
+def _watch(client: GraftClient, job: dict, as_json: bool) -> None:
+    try:
+        with _training_progress(as_json) as progress:
+            task = progress.add_task(job["status"], total=job["config"].get("epochs"), stats="")
+            for event in client.watch_job(job["id"]):
+                _show_event(progress, task, event)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job['id']} goes on (`graft jobs cancel {job['id']}` stops it)")
+        raise typer.Exit(130)
+    job = client.get_job(job["id"])
+    model = client.get_model(job["model_id"]) if job["model_id"] else None
+    if as_json:
+        _print_json({"job": job, "model": model})
+    elif model:
+        _show_metrics(model)
+    else:
+        error = job.get("error") or {}
+        err.print(f"[red]job {job['id']} {job['status']}[/]" + (f": {error.get('message')}" if error else ""))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _show_event(progress: Progress, task, event: dict) -> None:
+    data = event["data"]
+    if event["kind"] == "status":
+        progress.update(task, description=data.get("status", ""))
+    elif event["kind"] == "epoch" or "val_accuracy" in data:
+        stats = f"train_loss {data.get('train_loss', 0):.4f}  val_acc {data.get('val_accuracy', 0):.3f}"
+        progress.update(task, description="training", completed=data.get("epoch"),
+                        total=data.get("epochs"), stats=stats)
+    elif event["kind"] == "warning":
+        progress.console.print(f"[yellow]warning:[/] {data.get('message', data)}", highlight=False)
+    elif data.get("phase"):
+        progress.update(task, description=str(data["phase"]))
+
+
+def _training_progress(quiet: bool) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("epochs"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                    console=err, disable=quiet)
+
+
+def _transfer_progress() -> Progress:
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeElapsedColumn(), console=err)
+
+
+def _show_metrics(model: dict) -> None:
+    m = model["metrics"]
+    summary = Table("metric", "value", title=f"model {model['id']}  ({model['backbone']}, "
+                                             f"{model['recipe'].get('strategy')})")
+    for key in ("val_accuracy", "balanced_accuracy", "macro_f1", "val_loss", "best_epoch", "num_train_images",
+                "num_val_images", "train_seconds", "train_images_per_s", "device"):
+        if m.get(key) is not None:
+            value = m[key]
+            as_float = isinstance(value, float) and key != "train_images_per_s"
+            summary.add_row(key, f"{value:.4f}" if as_float else str(value))
+    out.print(summary)
+    per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
+    for label, c in m.get("per_class", {}).items():
+        per_class.add_row(label, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(per_class)
+    cm = m.get("confusion_matrix")
+    if cm:
+        matrix = Table("true \\ predicted", *cm["labels"], title="confusion matrix")
+        for i, (label, row) in enumerate(zip(cm["labels"], cm["matrix"])):
+            matrix.add_row(label, *(f"[bold green]{v}[/]" if i == j else str(v) for j, v in enumerate(row)))
+        out.print(matrix)
+
+
+@jobs_app.command("list")
+def jobs_list(ctx: typer.Context,
+              status: Annotated[Optional[str], typer.Option(help="only jobs of this status")] = None,
+              as_json: JsonOpt = False):
+    """Jobs, newest first."""
+    with _client(ctx) as client:
+        rows = client.list_jobs(status)
+    if as_json:
+        return _print_json(rows)
+    table = Table("id", "status", "dataset", "strategy", "progress", "created", "model", title="jobs")
+    for j in rows:
+        p = j["progress"]
+        progress = f"{p['epoch']}/{p['epochs']}" if "epoch" in p else p.get("phase", "")
+        table.add_row(j["id"], _status(j["status"]), j["dataset_id"], str(j["config"].get("strategy")),
+                      progress, _when(j["created_at"]), j["model_id"] or "")
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(ctx: typer.Context, job_id: str):
+    """A job as JSON."""
+    with _client(ctx) as client:
+        _print_json(client.get_job(job_id))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str):
+    """Cancel a queued job, or stop a running one at its next step."""
+    with _client(ctx) as client:
+        job = client.cancel_job(job_id)
+    out.print(f"job {job['id']}: {job['status']}" + (" (stopping)" if job["cancel_requested"] else ""))
+
+
+@app.command()
+def predict(ctx: typer.Context,
+            model_id: Annotated[str, typer.Argument(metavar="MODEL", help="a model id, or the id of a finished job")],
+            images: Annotated[list[Path], typer.Argument(metavar="IMAGES...", exists=True, dir_okay=False)],
+            top_k: Annotated[int, typer.Option(help="labels per image")] = 3,
+            as_json: JsonOpt = False):
+    """Classify image files with a trained model."""
+    with _client(ctx) as client:
+        answer = client.predict(model_id, images, top_k=top_k)
+    if as_json:
+        return _print_json(answer)
+    table = Table("file", "label", "score", "others", title=f"model {answer['model_id']}")
+    for r in answer["results"]:
+        best, *rest = r["predictions"]
+        table.add_row(r["filename"], f"[bold]{best['label']}[/]", f"{best['score']:.4f}",
+                      ", ".join(f"{p['label']} {p['score']:.4f}" for p in rest))
+    out.print(table)
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, as_json: JsonOpt = False):
+    """Trained models, newest first."""
+    with _client(ctx) as client:
+        rows = client.list_models()
+    if as_json:
+        return _print_json(rows)
+    table = Table("id", "backbone", "strategy", "classes", "val_accuracy", "created", "job", title="models")
+    for m in rows:
+        table.add_row(m["id"], m["backbone"], str(m["recipe"].get("strategy")), ", ".join(m["classes"]),
+                      f"{m['metrics'].get('val_accuracy', 0):.4f}", _when(m["created_at"]), m["job_id"])
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(ctx: typer.Context, model_id: str, as_json: JsonOpt = False):
+    """A model's metrics, per-class scores and confusion matrix."""
+    with _client(ctx) as client:
+        model = client.get_model(model_id)
+    if as_json:
+        return _print_json(model)
+    _show_metrics(model)
+
+
+@models_app.command("export")
+def models_export(ctx: typer.Context, model_id: str,
+                  format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.onnx,
+                  output: Annotated[Path, typer.Option("--output", "-o", help="a file, or a folder for the "
+                                                       "server's file name")] = Path("."),
+                  as_json: JsonOpt = False):
+    """Download a model as a zip: the model file, manifest.json (preprocessing, classes) and USAGE.md."""
+    with _client(ctx) as client, _transfer_progress() as progress:
+        task = progress.add_task(f"{format.value}", total=None)
+        path = client.export_model(model_id, format.value, output,
+                                   progress=lambda done, total: progress.update(task, completed=done,
+                                                                                total=total or None))
+    if as_json:
+        return _print_json({"path": str(path), "bytes": path.stat().st_size})
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _status(status: str) -> str:
+    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}.get(status, "white")
+    return f"[{color}]{status}[/]"
+
+
+def _when(iso: str) -> str:
+    return iso.replace("T", " ")[:19]
+

@@ -1,0 +1,102 @@
+"""Serving trained models: a small LRU of loaded models, and the predict call."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from service.errors import InvalidInput
+from service.serving.engine import InferenceEngine
+from service.store.tables import Model
+from workers.artifacts import LoadedModel, load_artifact, weight_bytes
+from workers.imaging import ImageRejected
+from workers.preprocessing import decode_square, eval_crop
+
+
+class ModelCache:
+    """Keeps the most recently used models in memory, up to `max_bytes` of weights (LRU).
+
+    A model costs the bytes of its own parameters and buffers; a backbone shared by several
+    models (format-2 linear probes) is counted once while any cached model uses it, and so is
+    what `copy_bytes` says is held for it elsewhere (the inference engine's frozen CPU copy). The
+    model just loaded always stays, even alone over the budget. Loads verify the artifact's sha256.
+    """
+
+    def __init__(self, data_dir: Path, max_bytes: int, allow_downloads: bool = False,
+                 copy_bytes: Callable[[nn.Module], int] | None = None):
+        self.data_dir = data_dir
+        self.max_bytes = max_bytes
+        self.allow_downloads = allow_downloads
+        self.copy_bytes = copy_bytes or (lambda backbone: 0)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._own_bytes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, row: Model) -> LoadedModel:
+        with self._lock:
+            if row.id in self._models:
+                self._models.move_to_end(row.id)
+                return self._models[row.id]
+        loaded = load_artifact(self.data_dir / row.artifact_dir, row.sha256, allow_downloads=self.allow_downloads)
+        own = loaded.own_bytes  # outside the lock: walks every tensor
+        with self._lock:
+            if row.id in self._models:  # another request loaded it meanwhile: keep one copy
+                self._models.move_to_end(row.id)
+                return self._models[row.id]
+            self._models[row.id], self._own_bytes[row.id] = loaded, own
+            while len(self._models) > 1 and self._bytes_locked() > self.max_bytes:
+                evicted, _ = self._models.popitem(last=False)
+                del self._own_bytes[evicted]
+        return loaded
+
+    def _bytes_locked(self) -> int:
+        shared = {id(m.shared_backbone): m.shared_backbone for m in self._models.values()
+                  if m.shared_backbone is not None}
+        backbones = {id(m.classifier.features): m.classifier.features for m in self._models.values()}
+        return (sum(self._own_bytes.values()) + sum(weight_bytes(b) for b in shared.values())
+                + sum(self.copy_bytes(b) for b in backbones.values()))
+
+    @property
+    def total_bytes(self) -> int:
+        """Weight bytes of the cached models, each shared backbone once (for /metrics)."""
+        with self._lock:
+            return self._bytes_locked()
+
+    def ids(self) -> list[str]:
+        """The cached models' ids, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def predict(engine: InferenceEngine, model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> list[dict]:
+    """Calibrated probabilities for each file, in upload order, top_k sorted by score.
+
+    Decoding runs on the caller's thread (several files: on the engine's decode threads), the
+    forward on the engine's thread, so torch always runs on one thread. The model's temperature
+    (fitted on val after training) and mirror averaging (tta_flip) come from its manifest, so
+    /predict scores are the ones its ECE was measured on.
+    """
+    pre = model.preprocessing
+
+    def crop(item: tuple[str, bytes]):
+        name, data = item
+        try:
+            return eval_crop(decode_square(data, pre), pre)  # a view: the engine copies it once
+        except ImageRejected as exc:
+            raise InvalidInput(f"file {name!r} is not a usable image: {exc}", filename=name) from None
+
+    probs = engine.predict_proba(model, files, decode=crop)
+    k = min(top_k, len(model.classes))
+    scores, indices = probs.topk(k, dim=1)
+    return [
+        {"filename": name,
+         "predictions": [{"label": model.classes[i], "score": round(float(s), 6)}
+                         for s, i in zip(row_scores.tolist(), row_idx.tolist())]}
+        for (name, _), row_scores, row_idx in zip(files, scores, indices)
+    ]

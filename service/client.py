@@ -21,13 +21,13 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Literal, NotRequired, TypedDict
+from typing import IO, Any, Callable, Iterator, NotRequired, TypedDict
 
 import httpx
 
+from service.enums import TERMINAL, ExportFormat
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "cancelled")
-ExportFormat = Literal["onnx", "safetensors", "torchscript"]
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 

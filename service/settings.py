@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     min_images_per_class: int = Field(5, ge=2, description="fewer and the dataset cannot train")
     recommended_images_per_class: int = Field(20, ge=2)
     max_predict_files: int = 64
+    staging_max_age_s: float = Field(3600.0, ge=0, description=(
+        "at start-up, upload staging folders (data_dir/tmp/upload-*) older than this are removed: what a "
+        "killed process left behind. Younger ones may be another process's upload in progress (several "
+        "API processes can share a data dir), so they are kept"))
 
     # Training data path
     decoded_cache_mb: int = Field(4096, ge=0, description=(
@@ -88,21 +92,42 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'graft.db').resolve()}"
         return self
 
+    # -- the data dir's layout: every path under it is named here, and nowhere else ------------------
     @property
     def blobs_dir(self) -> Path:
         return self.data_dir / "blobs"
 
     @property
     def models_dir(self) -> Path:
+        """Model artifacts, one folder each (a model row's artifact_dir is relative to the data dir)."""
         return self.data_dir / "models"
 
     @property
     def tmp_dir(self) -> Path:
+        """Staging for uploads before their blobs are committed."""
         return self.data_dir / "tmp"
 
     @property
     def decoded_cache_dir(self) -> Path:
         return self.data_dir / "cache" / "decoded"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Per-epoch training checkpoints, one folder per job."""
+        return self.data_dir / "checkpoints"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Export zips (ONNX, safetensors, TorchScript), built once per model and format."""
+        return self.data_dir / "exports"
+
+    def data_path(self, relative: str) -> Path:
+        """A path the database stores relative to the data dir (artifact_dir, checkpoint_file)."""
+        return self.data_dir / relative
+
+    def relative_to_data(self, path: Path) -> str:
+        """How the database stores a path under the data dir: relative, so the dir can move."""
+        return str(path.relative_to(self.data_dir))
 
     @property
     def stale_after_s(self) -> float:

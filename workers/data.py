@@ -146,8 +146,8 @@ def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainC
         classes = list(dataset.classes)
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in rows]
-    splits = ([r.split or "train" for r in rows] if any(r.split == "val" for r in rows)
-              else stratified_split(labels, config.val_fraction, config.seed))
+    val_given = any(r.split == "val" for r in rows)
+    splits = _assign_splits(rows, labels, val_given, config)
     if "val" not in splits:
         raise JobError("no_validation_images", "the dataset has no images to validate on")
     shas = [r.sha256 for r in rows]
@@ -165,6 +165,18 @@ def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainC
         return images[idx], torch.tensor([labels[i] for i in idx.tolist()])
 
     (train_x, train_y), (val_x, val_y) = pick("train"), pick("val")
+    test_x, test_y = pick("test") if "test" in splits else (None, None)
     # The pixels (the decoded cache's key: decoder, preprocessing, ordered sha256s) and the split.
     source_key = hashlib.sha256(f"{key}:{','.join(splits)}".encode()).hexdigest()
-    return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key)
+    return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key, val_given=val_given,
+                        test_x=test_x, test_y=test_y)
+
+
+def _assign_splits(rows, labels: list[int], val_given: bool, config: TrainConfig) -> list[str]:
+    """'train'/'val'/'test' per row. Test rows stay test; without a user's val split, val is held
+    out of the other rows only, exactly as if the test rows were not there."""
+    if val_given:
+        return [r.split or "train" for r in rows]
+    pool = [y for r, y in zip(rows, labels) if r.split != "test"]
+    drawn = iter(stratified_split(pool, config.val_fraction, config.seed))
+    return ["test" if r.split == "test" else next(drawn) for r in rows]

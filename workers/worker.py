@@ -15,13 +15,12 @@ import torch
 
 from service.store.blobs import BlobStore
 from service.store.db import Database, utcnow
-from service.store.queue import Claim, JobQueue
+from service.store.queue import Claim, JobQueue, ModelRecord
 from service.settings import Settings
-from service.store.tables import Model
 from service.store.wakeups import JobWaiter
 from workers.artifacts import Classifier, pretrained_fingerprint, write_artifact
 from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
-from workers.checkpoints import prune_checkpoints, read_checkpoint, write_checkpoint
+from workers.checkpoints import prune_checkpoints, read_checkpoint, remove_checkpoint, write_checkpoint
 from workers.config import TrainConfig
 from workers.data import DecodedCache, prepare_data
 from workers.errors import JobError, StopJob
@@ -90,19 +89,18 @@ class LeaseControl:
         if self._last_checkpoint is not None and now - self._last_checkpoint < self.settings.checkpoint_interval_s:
             return
         self._last_checkpoint = now
-        data_dir = self.settings.data_dir
-        relative = write_checkpoint(data_dir, self.claim.job_id, self.claim.lease_token, epoch, state)
+        relative = write_checkpoint(self.settings, self.claim.job_id, self.claim.lease_token, epoch, state)
         if self.queue.record_checkpoint(self.claim, epoch, relative):
-            prune_checkpoints(data_dir, self.claim.job_id, keep=relative)
+            prune_checkpoints(self.settings, self.claim.job_id, keep=relative)
         else:
-            (data_dir / relative).unlink(missing_ok=True)
+            remove_checkpoint(self.settings, relative)
             self.stop_reason = self.stop_reason or "lost"
 
     def resume_state(self) -> dict | None:
         """The last checkpoint of an earlier attempt of this job, if there is one."""
         if not self.claim.checkpoint_file:
             return None
-        return read_checkpoint(self.settings.data_dir, self.claim.checkpoint_file)
+        return read_checkpoint(self.settings, self.claim.checkpoint_file)
 
     def progress(self, update: dict) -> None:
         new_phase = update.get("phase") != self._progress.get("phase")
@@ -260,12 +258,12 @@ class Worker:
 
     def _fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> None:
         if self.queue.fail(claim, code, message, retryable=retryable) == "failed":
-            prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)  # no retry will resume
+            prune_checkpoints(self.settings, claim.job_id, keep=None)  # no retry will resume
 
     def _stopped(self, claim: Claim, reason: str) -> None:
         if reason == "cancel":
             if self.queue.finish_cancelled(claim):
-                prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)
+                prune_checkpoints(self.settings, claim.job_id, keep=None)
         elif reason == "shutdown":
             self.queue.release(claim)
         log.info("job %s stopped: %s", claim.job_id, reason, extra={"action": "job_stop"})
@@ -287,14 +285,13 @@ class Worker:
                     "backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict(),
                     "recipe": result.recipe, "metrics": metrics, "created_at": utcnow().isoformat()}
         path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest)
-        model = Model(id=model_id, project_id=claim.project_id, job_id=claim.job_id, dataset_id=claim.dataset_id,
-                      backbone=spec.name, classes=data.classes, metrics=metrics, recipe=result.recipe,
-                      artifact_dir=str(path.relative_to(self.settings.data_dir)), sha256=digest,
-                      size_bytes=size)
+        model = ModelRecord(id=model_id, backbone=spec.name, classes=data.classes, metrics=metrics,
+                            recipe=result.recipe, artifact_dir=self.settings.relative_to_data(path), sha256=digest,
+                            size_bytes=size)
         if not self.queue.publish(claim, model):
             shutil.rmtree(path, ignore_errors=True)  # another worker owns the job now
             log.warning("lease lost before publishing job %s", claim.job_id, extra={"action": "publish_lost"})
             return
-        prune_checkpoints(self.settings.data_dir, claim.job_id, keep=None)
+        prune_checkpoints(self.settings, claim.job_id, keep=None)
         log.info("job %s succeeded: model %s, val_accuracy %.4f", claim.job_id, model_id,
                  metrics["val_accuracy"], extra={"action": "job_done"})

@@ -21,6 +21,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 
+from service.api.deps import DatabaseDep, SettingsDep
+from service.enums import Scope
 from service.store.db import utcnow
 from service.errors import Conflict, Forbidden, TooManyRequests, Unauthorized
 from service.settings import Settings
@@ -28,12 +30,30 @@ from service.store.tables import DEFAULT_PROJECT_ID, ApiKey, Project
 
 KEY_PREFIX = "graft_"
 
-SCOPES = ("admin", "train", "predict")
-GRANTS = {"admin": frozenset(SCOPES), "train": frozenset({"train", "predict"}), "predict": frozenset({"predict"})}
+GRANTS = {Scope.admin: frozenset(Scope), Scope.train: frozenset({Scope.train, Scope.predict}),
+          Scope.predict: frozenset({Scope.predict})}
 LAST_USED_RESOLUTION = timedelta(seconds=60)  # don't write on every request
 
-bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
-                    description="A Graft API key: `Authorization: Bearer graft_...`")
+
+class KeyBearer(HTTPBearer):
+    """The caller's credential, judged alike whether keys are required or not: no Authorization header
+    is None (the default project's admin where Graft runs open, else a 401), and any Authorization
+    header is a claim to be checked. One that is not `Bearer <key>` (another scheme, an empty key,
+    garbage) is a 401 here, and an unknown or revoked key a 401 in `authenticate`, so a mistyped key
+    fails loudly instead of quietly running as the open mode's admin."""
+
+    async def __call__(self, request: Request) -> HTTPAuthorizationCredentials | None:
+        if "authorization" not in request.headers:
+            return None
+        credentials = await super().__call__(request)
+        if credentials is None:  # never echo the header: it may hold a key without its `Bearer `
+            raise Unauthorized("the Authorization header is not `Bearer <key>`: send a Graft API key as "
+                               "`Authorization: Bearer graft_...` (where Graft runs without keys, send none)")
+        return credentials
+
+
+bearer = KeyBearer(auto_error=False, scheme_name="ApiKey",
+                   description="A Graft API key: `Authorization: Bearer graft_...`")
 
 
 def new_key() -> tuple[str, str, str]:
@@ -83,15 +103,13 @@ class Caller:
         return self
 
 
-def authenticate(request: Request,
+def authenticate(settings: SettingsDep, db: DatabaseDep,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    settings: Settings = request.app.state.settings
     if credentials is None:
         if auth_is_open(settings):
-            return Caller(DEFAULT_PROJECT_ID, GRANTS["admin"])
+            return Caller(DEFAULT_PROJECT_ID, GRANTS[Scope.admin])
         raise Unauthorized("an API key is required: send `Authorization: Bearer <key>`")
     digest = hash_key(credentials.credentials)
-    db = request.app.state.db
     with db.session(readonly=True) as s:  # every request: a read that never waits for a writer
         key = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or not hmac.compare_digest(key.key_hash, digest) or key.revoked_at is not None:

@@ -18,14 +18,18 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select, text
 
+from service.api.deps import DatabaseDep, MetricsDep, SchemaHeadsDep, SettingsDep
 from service.store.db import Database, utcnow
 from service.api.problems import problem
-from service.store.tables import Job, Model
+from service.api.schemas import Readiness
+from service.enums import TERMINAL, JobStatus
+from service.store.queue import JobQueue
+from service.store.tables import Model
 
 log = logging.getLogger("graft.http")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("graft_request_id", default=None)
@@ -33,7 +37,6 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a caller's id is kept only if it is tame
 PREDICT_ROUTE = "/v1/models/{model_id}/predict"
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")  # logged at DEBUG: probes would drown the log
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, float("inf"))
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -120,14 +123,13 @@ class StoreCollector:
 
     def _from_store(self, session):
         now = utcnow()
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        counts = JobQueue.count_by_status(session)
         jobs = GaugeMetricFamily("graft_jobs", "Jobs by status", labels=["status"])
-        for status in sorted(set(JOB_STATUSES) | set(counts)):
+        for status in sorted(set(JobStatus) | set(counts)):
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
 
-        depth, oldest = session.execute(select(func.count(), func.min(Job.created_at))
-                                        .where(Job.status == "queued")).one()
+        depth, oldest = JobQueue.waiting(session)
         yield GaugeMetricFamily("graft_queue_depth", "Jobs waiting for a worker", value=depth)
         age = (now - oldest).total_seconds() if oldest else 0.0
         yield GaugeMetricFamily("graft_queue_oldest_age_seconds",
@@ -135,12 +137,10 @@ class StoreCollector:
                                 value=max(0.0, age))
 
         # Durations of finished runs, as a histogram per final status (cumulative over all jobs).
-        rows = session.execute(select(Job.status, Job.started_at, Job.finished_at)
-                               .where(Job.status.in_(("succeeded", "failed", "cancelled")),
-                                      Job.started_at.is_not(None), Job.finished_at.is_not(None))).all()
+        rows = JobQueue.finished_runs(session)
         durations = HistogramMetricFamily("graft_job_duration_seconds",
                                           "Wall time of finished jobs, from claim to finish", labels=["status"])
-        for status in ("succeeded", "failed", "cancelled"):
+        for status in TERMINAL:
             values = [(f - s).total_seconds() for st, s, f in rows if st == status]
             buckets = [(_le(b), sum(v <= b for v in values)) for b in DURATION_BUCKETS]
             durations.add_metric([status], buckets, sum_value=sum(values))
@@ -233,17 +233,17 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
+def metrics(app_metrics: MetricsDep) -> Response:
     """Prometheus text exposition."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
-def readyz(request: Request):
+@router.get("/readyz", responses={200: {"model": Readiness, "description": "every check passed"},
+                                   503: {"description": "a check failed: `detail` says which, `checks` has them all"}})
+def readyz(db: DatabaseDep, heads: SchemaHeadsDep, settings: SettingsDep):
     """Ready to serve: the database answers and is migrated, and the artifact store is writable."""
-    state = request.app.state
-    checks = {"database": _check(lambda: _database_ready(state.db, state.schema_heads)),
-              "artifact_store": _check(lambda: _store_writable(state.settings))}
+    checks = {"database": _check(lambda: _database_ready(db, heads)),
+              "artifact_store": _check(lambda: _store_writable(settings))}
     if all(c["ok"] for c in checks.values()):
         return {"status": "ready", "checks": checks}
     failing = "; ".join(f"{name}: {c['error']}" for name, c in checks.items() if not c["ok"])

@@ -3,6 +3,9 @@
 FastAPI documents a 422 `HTTPValidationError` in JSON for every route with parameters, which
 Graft never sends (errors.py turns validation errors into problem+json). This replaces it and
 documents the 4xx range once per operation, so clients and schemathesis see what really comes.
+An error response a route declares without a body (readyz's 503) gets the same problem body, and
+multipart file fields are declared the way client generators read them (OpenAPI 3.0's
+`format: binary`, beside FastAPI's 3.1 `contentMediaType`), a list of files with at least one.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.api.problems import PROBLEM_JSON
+from service.api.routes._multipart import MULTIPART
 
 PROBLEM_SCHEMA = {
     "title": "Problem",
@@ -40,9 +44,29 @@ def install_problem_docs(app: FastAPI) -> None:
                     responses = operation.setdefault("responses", {})
                     responses.pop("422", None)
                     responses["4XX"] = problem
+                    for status, response in responses.items():
+                        if status[0] in "45" and "content" not in response:
+                            response["content"] = problem["content"]
+                    declare_file_fields(operation, schema["components"]["schemas"])
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema["components"]["schemas"].pop(unused, None)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def declare_file_fields(operation: dict, components: dict) -> None:
+    """In a multipart body, a file is `{type: string, format: binary}` and a list of files has one at least."""
+    body = operation.get("requestBody", {}).get("content", {}).get(MULTIPART, {}).get("schema", {})
+    body = components.get(body.get("$ref", "").rsplit("/", 1)[-1], body)
+    for field in body.get("properties", {}).values():
+        if field.get("type") == "array" and _is_file(field.get("items", {})):
+            field["items"]["format"] = "binary"
+            field["minItems"] = 1
+        elif _is_file(field):
+            field["format"] = "binary"
+
+
+def _is_file(field: dict) -> bool:
+    return field.get("type") == "string" and "contentMediaType" in field

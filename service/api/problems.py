@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from service.errors import GraftError
 
@@ -19,6 +20,21 @@ def problem(status: int, detail: str, code: str, headers: dict[str, str] | None 
     body = {"type": f"https://graft.dev/problems/{code}", "title": HTTPStatus(status).phrase,
             "status": status, "detail": detail, "code": code, **extra}
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the request's path answers, which RFC 9110 wants in a 405's Allow: Starlette's own
+    names only the first route's, and GET and POST /v1/datasets are two routes. Mounts (static files)
+    answer any method's match, so they are left to their own header."""
+    def answers(method: str) -> bool:
+        scope = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", ""),
+                 "method": method, "headers": []}
+        return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes
+                   if not isinstance(route, Mount))
+    return ", ".join(m for m in METHODS if answers(m))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -33,11 +49,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(422, f"invalid request: {where}", "validation_error", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such route; see /docs for the API"
-        return problem(exc.status_code, detail, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
+        headers = dict(exc.headers or {})  # part of the answer, e.g. a 405's Allow
+        if exc.status_code == 405 and (allowed := allowed_methods(request)):
+            headers["Allow"] = allowed
+        return problem(exc.status_code, detail, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"),
+                       headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -6,7 +6,8 @@ from sqlalchemy.orm import Session
 
 from service.errors import Forbidden, TooManyRequests
 from service.settings import Settings
-from service.store.tables import Dataset, DatasetImage, Job, Project
+from service.store.queue import JobQueue
+from service.store.tables import Dataset, DatasetImage, Project
 
 def quota(session: Session, settings: Settings, project_id: str, name: str) -> int:
     project = session.get(Project, project_id)
@@ -16,8 +17,7 @@ def quota(session: Session, settings: Settings, project_id: str, name: str) -> i
 
 def check_new_job(session: Session, settings: Settings, project_id: str) -> None:
     limit = quota(session, settings, project_id, "max_concurrent_jobs")
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.project_id == project_id, Job.status.in_(("queued", "running"))))
+    active = JobQueue.active_count(session, project_id)
     if limit and active >= limit:
         raise TooManyRequests(f"this project already has {active} queued or running jobs, its limit; "
                               "retry when one has finished, or cancel one", headers={"Retry-After": "30"})

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.enums import JobStatus, Scope
 from workers.config import TrainConfig
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class Out(BaseModel):
@@ -25,7 +24,8 @@ class BackboneOut(Out):
     weights_available: bool
     input_size: int
     feature_dim: int
-    weights_path: str
+    weights_path: str | None = Field(description="where the weights are read from; null when they ship in a "
+                                                 "Python package that is not installed")
 
 
 class ImageRef(BaseModel):
@@ -36,8 +36,11 @@ class ImageRef(BaseModel):
 
 
 class LeakagePair(BaseModel):
-    train: ImageRef
-    val: ImageRef
+    """Two near-identical images on different sides; exactly two of train, val and test are set."""
+    train: ImageRef | None = Field(None, description="the image that trains (train/, or unsplit when "
+                                                     "there is no val split)")
+    val: ImageRef | None = None
+    test: ImageRef | None = None
     distance: int = Field(description="perceptual-hash distance in bits (0 = looks identical)")
 
 
@@ -89,7 +92,7 @@ class DatasetReport(BaseModel):
     rejected: list[Rejection]
     duplicates: list[DuplicateGroup] = Field(description="exact copies within a class, kept once")
     conflicts: list[LabelConflict] = Field(description="the same bytes under several labels, left out")
-    leakage: list[LeakagePair] = Field(description="near-duplicates across train and val (first 100)")
+    leakage: list[LeakagePair] = Field(description="near-duplicates across train, val and test (first 100)")
     leakage_count: int
     near_duplicates: list[NearDuplicatePair] = Field(description="other near-duplicate pairs (first 100)")
     near_duplicate_count: int
@@ -160,7 +163,7 @@ class JobOut(Out):
     @classmethod
     def of(cls, job) -> "JobOut":
         out = cls.model_validate(job)
-        if job.error_code and job.status in ("failed", "queued"):
+        if job.error_code and job.status in (JobStatus.failed, JobStatus.queued):
             out.error = JobError(code=job.error_code, message=job.error_message or "")
         return out
 
@@ -172,7 +175,9 @@ class ModelOut(Out):
     created_at: datetime
     backbone: str
     classes: list[str]
-    metrics: dict
+    metrics: dict = Field(description="scores on val (or out of sample, for auto); `test`, when the dataset "
+                                      "has a test split: the finished model's scores on it (accuracy, loss, "
+                                      "balanced_accuracy, macro_f1, ece, per_class, confusion_matrix)")
     recipe: dict
     sha256: str
     size_bytes: int
@@ -213,7 +218,6 @@ class WorkerOut(Out):
 
 QuotaName = Literal["max_concurrent_jobs", "max_datasets", "max_stored_bytes", "predict_rate_per_minute",
                    "upload_rate_per_minute"]
-Scope = Literal["admin", "train", "predict"]
 
 
 class ProjectCreate(BaseModel):
@@ -254,3 +258,16 @@ class KeyCreated(KeyOut):
 class ProjectCreated(BaseModel):
     project: ProjectOut
     admin_key: KeyCreated
+
+
+class CheckResult(BaseModel):
+    """One /readyz check; a passing one adds what it found (dialect, revision; path, free_bytes)."""
+    model_config = ConfigDict(extra="allow")
+    ok: bool
+    seconds: float
+    error: str | None = Field(None, description="what failed, when ok is false")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, CheckResult]

@@ -3,7 +3,6 @@ and no server code, so they start fast on any machine."""
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,13 +20,9 @@ from rich.progress import (
 from rich.table import Table
 
 from service.cli.base import JsonOpt, app, datasets_app, err, jobs_app, models_app, out
+from service.cli.job_options import with_job_options
 from service.client import GraftClient
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    safetensors = "safetensors"
-    torchscript = "torchscript"
-
+from service.enums import ExportFormat, JobStatus
 
 
 def _client(ctx: typer.Context) -> GraftClient:
@@ -83,6 +78,57 @@ def datasets_show(ctx: typer.Context, dataset_id: str, as_json: JsonOpt = False)
     _show_dataset(dataset)
 
 
+SAMPLE = "bloodcells"  # service/samples/<SAMPLE>/: train/<class>/*.jpg, val/<class>/*.jpg, ATTRIBUTION.md
+SAMPLE_CREDIT = "ATTRIBUTION.md"
+
+
+@datasets_app.command("sample")
+def datasets_sample(directory: Annotated[Path, typer.Argument(metavar="DIR", file_okay=False,
+                                                              help="where to write it (created if missing)")],
+                    force: Annotated[bool, typer.Option("--force", help="write into a folder that is not "
+                                                        "empty (same-named files are replaced)")] = False):
+    """Write a small set to try Graft on: blood-cell microscope photos in train/ and val/ class folders."""
+    if directory.exists() and any(directory.iterdir()) and not force:
+        err.print(f"[red]error:[/] {directory} is not empty; name a new or empty folder, or add --force to "
+                  "write the sample into it anyway (files with the same names are replaced)", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(1)
+    written = write_sample(directory)
+    classes = sorted({p.parent.name for p in written})
+    per_split = ", ".join(f"{split}/ {sum(p.parts[-3] == split for p in written)}" for split in ("train", "val"))
+    for line in (f"wrote {len(written)} images to {directory} ({per_split}): {len(classes)} classes, "
+                 f"{', '.join(classes)}", _sample_credit(), f"next: graft datasets upload {directory}"):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)  # whole lines: paths stay copyable
+
+
+def sample_root():
+    """The shipped sample set, read through importlib.resources so that an installed wheel works."""
+    from importlib.resources import files
+
+    return files("service") / "samples" / SAMPLE
+
+
+def write_sample(directory: Path) -> list[Path]:
+    """Copy the sample's images (train/<class>/*, val/<class>/*) into `directory`; returns their paths."""
+    written = []
+    for split in sorted(sample_root().iterdir(), key=lambda t: t.name):
+        if not split.is_dir():
+            continue  # the credit text stays out: it would be a skipped file in every upload
+        for label in sorted(split.iterdir(), key=lambda t: t.name):
+            target = directory / split.name / label.name
+            target.mkdir(parents=True, exist_ok=True)
+            for image in sorted(label.iterdir(), key=lambda t: t.name):
+                (target / image.name).write_bytes(image.read_bytes())
+                written.append(target / image.name)
+    return written
+
+
+def _sample_credit() -> str:
+    """The credit CC BY 4.0 asks for, short; the full text ships next to the images."""
+    return (f"images: PBC dataset, Acevedo et al., Data in Brief 30 (2020), CC BY 4.0; source and licence in "
+            f"{sample_root() / SAMPLE_CREDIT}")
+
+
 def _show_dataset(d: dict, max_rejected: int = 20) -> None:
     splits = sorted(d["split_counts"])
     out.print(f"dataset [bold]{d['name']}[/]  id {d['id']}", highlight=False)
@@ -111,46 +157,14 @@ def _show_dataset(d: dict, max_rejected: int = 20) -> None:
         out.print(f"  … and {len(rejected) - max_rejected} more (see --json)")
 
 
-# POST /v1/jobs fields as options; None leaves the server's default (the server validates).
-_JOB_HELP = {
-    "backbone": "a name from GET /v1/backbones (default: efficientnet_lite0)",
-    "strategy": "linear_probe | fine_tune (default: linear_probe)",
-    "epochs": "(default: 60 linear_probe, 10 fine_tune)",
-    "batch_size": "(default: 32)",
-    "learning_rate": "(default: 1e-3 linear_probe, 5e-4 fine_tune)",
-    "weight_decay": "(default: 0.01 linear_probe, 0.05 fine_tune)",
-    "augmentation": "none | light | strong, fine_tune only (default: light)",
-    "image_size": "crop side in pixels (default: the backbone's)",
-    "val_fraction": "held out when the dataset has no val/ (default: 0.2)",
-    "seed": "(default: 0)",
-    "priority": "lower runs first (default: 0)",
-}
-
-
-def _job(field: str):
-    return typer.Option(help=_JOB_HELP[field], show_default=False)
-
-
 @app.command()
+@with_job_options  # one option per POST /v1/jobs field, help and defaults from its schema
 def train(ctx: typer.Context,
           dataset_id: Annotated[str, typer.Argument(metavar="DATASET", help="a dataset id")],
-          backbone: Annotated[Optional[str], _job("backbone")] = None,
-          strategy: Annotated[Optional[str], _job("strategy")] = None,
-          epochs: Annotated[Optional[int], _job("epochs")] = None,
-          batch_size: Annotated[Optional[int], _job("batch_size")] = None,
-          learning_rate: Annotated[Optional[float], _job("learning_rate")] = None,
-          weight_decay: Annotated[Optional[float], _job("weight_decay")] = None,
-          augmentation: Annotated[Optional[str], _job("augmentation")] = None,
-          image_size: Annotated[Optional[int], _job("image_size")] = None,
-          val_fraction: Annotated[Optional[float], _job("val_fraction")] = None,
-          seed: Annotated[Optional[int], _job("seed")] = None,
-          priority: Annotated[Optional[int], _job("priority")] = None,
           watch: Annotated[bool, typer.Option("--watch", "-w", help="follow it live, then print metrics")] = False,
-          as_json: JsonOpt = False):
-    """Start a training job on a dataset; with --watch, follow it to the end."""
-    options = dict(backbone=backbone, strategy=strategy, epochs=epochs, batch_size=batch_size,
-                   learning_rate=learning_rate, weight_decay=weight_decay, augmentation=augmentation,
-                   image_size=image_size, val_fraction=val_fraction, seed=seed, priority=priority)
+          as_json: JsonOpt = False, **options):
+    """Start a training job on a dataset; with --watch, follow it to the end. An option left out
+    is not sent: the server's default applies."""
     with _client(ctx) as client:
         job = client.create_job(dataset_id, **options)
         if not watch:
@@ -188,7 +202,7 @@ def _watch(client: GraftClient, job: dict, as_json: bool) -> None:
     else:
         error = job.get("error") or {}
         err.print(f"[red]job {job['id']} {job['status']}[/]" + (f": {error.get('message')}" if error else ""))
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.succeeded:
         raise typer.Exit(1)
 
 
@@ -222,11 +236,15 @@ def _show_metrics(model: dict) -> None:
     summary = Table("metric", "value", title=f"model {model['id']}  ({model['backbone']}, "
                                              f"{model['recipe'].get('strategy')})")
     for key in ("val_accuracy", "balanced_accuracy", "macro_f1", "val_loss", "best_epoch", "num_train_images",
-                "num_val_images", "train_seconds", "train_images_per_s", "device"):
+                "num_val_images", "num_test_images", "train_seconds", "train_images_per_s", "device"):
         if m.get(key) is not None:
             value = m[key]
             as_float = isinstance(value, float) and key != "train_images_per_s"
             summary.add_row(key, f"{value:.4f}" if as_float else str(value))
+    test = m.get("test") or {}  # the held-out test split, scored on the finished model
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
+        if test.get(key) is not None:
+            summary.add_row(f"test_{key}", f"{test[key]:.4f}")
     out.print(summary)
     per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
     for label, c in m.get("per_class", {}).items():
@@ -334,7 +352,8 @@ def models_export(ctx: typer.Context, model_id: str,
 
 
 def _status(status: str) -> str:
-    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}.get(status, "white")
+    color = {JobStatus.succeeded: "green", JobStatus.failed: "red", JobStatus.cancelled: "yellow",
+             JobStatus.running: "cyan"}.get(status, "white")
     return f"[{color}]{status}[/]"
 
 

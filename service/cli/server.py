@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from service.cli.base import LogFormat, LogFormatOpt, app, err, keys_app, log
+from service.enums import Scope
 
 
 @app.command()
@@ -70,13 +70,6 @@ def migrate(log_format: LogFormatOpt = LogFormat.auto):
     """Create or upgrade the database schema."""
     _migrate(_settings(log_format))
 
-
-
-
-class Scope(str, Enum):
-    admin = "admin"
-    train = "train"
-    predict = "predict"
 
 
 @keys_app.command("create")

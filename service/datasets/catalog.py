@@ -21,7 +21,9 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.datasets.ingest import IngestedImage, IngestResult, Intake, check_labels, ingest_files
 from service.datasets.names import LabelRejected, clean_label
 from service.datasets.report import build_report
+from service.enums import TERMINAL
 from service.settings import Settings
+from service.store.queue import JobQueue
 from service.store.tables import Dataset, DatasetImage, Job, Model
 from workers.artifacts import ArtifactCorrupt, BackboneMismatch
 from workers.backbones import WeightsUnavailable
@@ -55,14 +57,23 @@ def ready_model(session: Session, model_id: str, project_id: str) -> Model:
     model = session.get(Model, model_id)
     if model is not None and model.project_id == project_id:
         return model
-    job = session.get(Job, model_id)
+    job = JobQueue.get(session, model_id)
     if job is None or job.project_id != project_id:
         raise NotFound(f"no model with id {model_id!r}")
     if job.model_id:
         return get_or_404(session, Model, job.model_id, "model", project_id)
     raise Conflict(f"{model_id!r} is a job that is {job.status}; its model is not ready"
-                   + (" and never will be" if job.status in ("failed", "cancelled") else ""),
+                   + (" and never will be" if job.status in TERMINAL else ""),
                    job_status=job.status)
+
+
+def job_or_404(session: Session, job_id: str, project_id: str) -> Job:
+    """The job, if it exists and belongs to the caller's project (asked of the queue, which owns jobs)."""
+    _check_id(job_id, "job")
+    job = JobQueue.get(session, job_id)
+    if job is None or job.project_id != project_id:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
 
 
 def list_rows(session: Session, table, project_id: str, limit: int, offset: int) -> list:

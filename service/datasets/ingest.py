@@ -1,7 +1,7 @@
 """Reading a user's files into labeled images: layout detection, safety checks, a reason per skip.
 
-Ways in: a zip of `<label>/<image>` or `train|val/<label>/<image>` folders (optionally wrapped in
-one folder), a zip with a `labels.csv` / `labels.jsonl` manifest (`path,label[,split]`) for flat
+Ways in: a zip of `<label>/<image>` or `train|val|test/<label>/<image>` folders (optionally wrapped
+in one folder), a zip with a `labels.csv` / `labels.jsonl` manifest (`path,label[,split]`) for flat
 folders, or plain image files with one label (adding to a dataset). Unsafe archives (path
 traversal, links, encryption, unknown compression, overlapping entries, bombs) are refused whole;
 single unusable files are skipped and listed with a reason, never fatal. Nothing is extracted to
@@ -28,8 +28,8 @@ from service.datasets.names import LabelRejected, clean_filename, clean_label, c
 from service.settings import Settings
 from workers.imaging import ImageRejected, inspect_image
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
-UNUSED_SPLITS = {"test", "testing"}
+# test: held out of training and of every choice, scored apart on the finished model.
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", ".DS_Store", ".ipynb_checkpoints"}
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
 # Decide by content, not by name: these start every archive format worth naming.
@@ -169,7 +169,7 @@ def ingest_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestRe
 def _open_archive(upload: BinaryIO, settings: Settings) -> zipfile.ZipFile:
     if upload.read(4) not in ZIP_MAGIC:
         raise InvalidInput("the uploaded file is not a zip archive; upload a .zip of "
-                           "<label>/<image> folders (or train/ and val/ holding them)")
+                           "<label>/<image> folders (or train/, val/ and test/ holding them)")
     try:
         # The central directory's own count, before zipfile builds an object per entry.
         end_record = zipfile._EndRecData(upload)  # noqa: SLF001 - the stdlib's parser of that record
@@ -296,14 +296,9 @@ def _place_by_folders(files: list, result: IngestResult, settings: Settings) -> 
     placed = []
     for info, path, parts in files:
         if split_layout:
-            top = parts[0].lower()
-            if top in UNUSED_SPLITS:
-                result.reject(path, f"images under {parts[0]}/ are not used; Graft trains on train/ and "
-                              "validates on val/")
-                continue
-            split = SPLIT_NAMES.get(top)
+            split = SPLIT_NAMES.get(parts[0].lower())
             if split is None or len(parts) != 3:
-                result.reject(path, "expected train/<label>/<image> or val/<label>/<image>")
+                result.reject(path, "expected train/<label>/<image>, val/<label>/<image> or test/<label>/<image>")
                 continue
             folder = parts[1]
         else:
@@ -380,7 +375,7 @@ def _place_by_manifest(files: list, manifest: tuple, reader: _EntryReader, resul
             continue
         split = (raw_split or "").strip().lower()
         if split and split not in SPLIT_NAMES:
-            result.reject(path, f"{where}: split {raw_split[:40]!r} is not train or val (or empty)")
+            result.reject(path, f"{where}: split {raw_split[:40]!r} is not train, val or test (or empty)")
             continue
         placed.append((info, path, label, SPLIT_NAMES.get(split)))
     for key, (_, path) in by_key.items():

@@ -2,7 +2,8 @@
 
 Built from the dataset's image rows plus what the upload left out (rejected files, collapsed
 duplicates, label conflicts). It says whether the dataset can train and, if not, why; warnings
-each name what to do about them.
+each name what to do about them. Test images (split "test") are counted and checked for leakage
+but never count towards what a class needs to train: they are held out of training and selection.
 """
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ def build_report(images: Sequence[ImageLike], *, rejected: list[dict], duplicate
     split_counts: dict[str, Counter] = {}
     for img in images:
         split_counts.setdefault(img.split or "unsplit", Counter())[img.label] += 1
-    leakage, near, n_leakage, n_near = _near_duplicates(images, has_val)
-    problems = _problems(classes, class_counts, split_counts, has_val, settings)
-    imbalance = (max(class_counts.values()) / min(class_counts.values())) if class_counts else None
-    warnings = _warnings(classes, class_counts, split_counts, has_val, imbalance, settings,
-                         n_leakage=n_leakage, n_near=n_near, rejected=rejected, duplicates=duplicates,
-                         conflicts=conflicts, images=images)
+    # What trains and chooses the model: every image but the test split's.
+    learn_counts = Counter({c: class_counts[c] - split_counts.get("test", Counter())[c] for c in classes})
+    leakage, near, n_leakage, n_test_leakage, n_near = _near_duplicates(images, has_val)
+    problems = _problems(classes, learn_counts, split_counts, has_val, settings)
+    sizes = [n for n in learn_counts.values() if n]
+    imbalance = (max(sizes) / min(sizes)) if sizes else None
+    warnings = _warnings(classes, learn_counts, split_counts, has_val, imbalance, settings,
+                         n_leakage=n_leakage, n_test_leakage=n_test_leakage, n_near=n_near, rejected=rejected,
+                         duplicates=duplicates, conflicts=conflicts, images=images)
     return {
         "trainable": not problems,
         "problems": problems,
@@ -69,29 +73,42 @@ def build_report(images: Sequence[ImageLike], *, rejected: list[dict], duplicate
     }
 
 
-def _problems(classes, class_counts, split_counts, has_val, settings: Settings) -> list[str]:
+def _problems(classes, learn_counts, split_counts, has_val, settings: Settings) -> list[str]:
+    """`learn_counts`: images per class outside the test split, the ones that can train."""
     minimum, recommended = settings.min_images_per_class, settings.recommended_images_per_class
     problems = []
-    if len(classes) < 2:
-        found = ", ".join(f"{c!r} ({class_counts[c]})" for c in classes) or "none"
-        problems.append(f"a dataset needs at least 2 classes with usable images; it has {len(classes)}: {found}")
+    outside = _outside_test(split_counts)
+    learnable = [c for c in classes if learn_counts[c]]
+    if len(learnable) < 2:
+        found = ", ".join(f"{c!r} ({learn_counts[c]})" for c in learnable) or "none"
+        problems.append(f"a dataset needs at least 2 classes with usable images{outside}; it has "
+                        f"{len(learnable)}: {found}")
     for c in classes:
-        if class_counts[c] < minimum:
-            problems.append(f"class {c!r} has {class_counts[c]} image{'s' * (class_counts[c] != 1)}; at least "
-                            f"{minimum} are needed to train, {recommended}+ recommended")
+        if not learn_counts[c]:
+            problems.append(f"class {c!r} has images only under test/; a model cannot learn it from test images "
+                            f"(they are held out): add at least {minimum} to train/")
+        elif learn_counts[c] < minimum:
+            problems.append(f"class {c!r} has {learn_counts[c]} image{'s' * (learn_counts[c] != 1)}{outside}; "
+                            f"at least {minimum} are needed to train, {recommended}+ recommended")
     if has_val:
         train = split_counts.get("train", Counter()) + split_counts.get("unsplit", Counter())
-        for c in classes:
+        for c in learnable:
             if not train[c]:
                 problems.append(f"class {c!r} has no training images (all are under val/); move some to train/")
     return problems
 
 
-def _warnings(classes, class_counts, split_counts, has_val, imbalance, settings: Settings, *, n_leakage,
-              n_near, rejected, duplicates, conflicts, images) -> list[str]:
+def _outside_test(split_counts) -> str:
+    """How a count of trainable images is named: plainly, unless a test split holds some back."""
+    return " outside test/" if "test" in split_counts else ""
+
+
+def _warnings(classes, learn_counts, split_counts, has_val, imbalance, settings: Settings, *, n_leakage,
+              n_test_leakage, n_near, rejected, duplicates, conflicts, images) -> list[str]:
     minimum, recommended = settings.min_images_per_class, settings.recommended_images_per_class
-    warnings = [f"class {c!r} has {class_counts[c]} images; {recommended}+ are recommended for good accuracy"
-                for c in classes if minimum <= class_counts[c] < recommended]
+    outside = _outside_test(split_counts)
+    warnings = [f"class {c!r} has {learn_counts[c]} images{outside}; {recommended}+ are recommended for good "
+                "accuracy" for c in classes if minimum <= learn_counts[c] < recommended]
     if has_val:
         val = split_counts.get("val", Counter())
         warnings += [f"class {c!r} has no validation images; its accuracy will not be measured"
@@ -100,14 +117,23 @@ def _warnings(classes, class_counts, split_counts, has_val, imbalance, settings:
         if unsplit:
             warnings.append(f"{unsplit} image(s) have no split; they are used for training because other "
                             "images are in val")
+    if "test" in split_counts:
+        test = split_counts["test"]
+        warnings += [f"class {c!r} has no test images; its test accuracy will not be measured"
+                     for c in classes if not test[c]]
     if imbalance is not None and imbalance >= IMBALANCE_WARNING_RATIO:
-        big = max(classes, key=lambda c: class_counts[c])
-        small = min(classes, key=lambda c: class_counts[c])
+        present = [c for c in classes if learn_counts[c]]
+        big = max(present, key=lambda c: learn_counts[c])
+        small = min(present, key=lambda c: learn_counts[c])
         warnings.append(f"classes are imbalanced: {big!r} has {imbalance:.1f}x as many images as {small!r}; "
                         f"add images to {small!r} or expect the model to favour {big!r}")
-    if n_leakage:
-        warnings.append(f"{n_leakage} near-duplicate pair(s) across train and val (see leakage): validation "
-                        "accuracy will look better than it is; remove one image of each pair")
+    if n_leakage - n_test_leakage:
+        warnings.append(f"{n_leakage - n_test_leakage} near-duplicate pair(s) across train and val (see leakage): "
+                        "validation accuracy will look better than it is; remove one image of each pair")
+    if n_test_leakage:
+        warnings.append(f"{n_test_leakage} near-duplicate pair(s) across test and the images that train or "
+                        "validate (see leakage): test accuracy will look better than it is; remove one image "
+                        "of each pair")
     if n_near:
         where = "may be split across train and val, or " if not has_val else ""
         warnings.append(f"{n_near} near-duplicate pair(s) within the dataset (see near_duplicates); they {where}"
@@ -127,34 +153,48 @@ def _warnings(classes, class_counts, split_counts, has_val, imbalance, settings:
     return warnings
 
 
-def _near_duplicates(images: Sequence[ImageLike], has_val: bool) -> tuple[list, list, int, int]:
-    """Pairs within NEAR_DUPLICATE_BITS of each other: train/val pairs are leakage, the rest are
-    listed as near-duplicates. Brute force on 64-bit hashes, in blocks to bound memory; pairs are
-    counted in numpy and only the listed ones become Python objects."""
+_SIDES = ("train", "val", "test")  # a leakage pair's keys, in this order
+_TEST = _SIDES.index("test")
+
+
+def _near_duplicates(images: Sequence[ImageLike], has_val: bool) -> tuple[list, list, int, int, int]:
+    """Pairs within NEAR_DUPLICATE_BITS of each other: pairs across train, val and test are leakage
+    (counted in all, and apart when one image is in test), the rest are listed as near-duplicates.
+    Brute force on 64-bit hashes, in blocks to bound memory; pairs are counted in numpy and only
+    the listed ones become Python objects."""
     hashed = [img for img in images if img.phash]
     n = len(hashed)
     if n < 2:
-        return [], [], 0, 0
+        return [], [], 0, 0, 0
     hashes = np.array([int(img.phash, 16) for img in hashed], dtype=np.uint64)
-    sides = np.array([{"train": 0, "val": 1}.get(_side(img, has_val), 2) for img in hashed])
+    sides = np.array([_SIDES.index(side) if (side := _side(img, has_val)) else len(_SIDES) for img in hashed])
     block = max(1, 4_000_000 // n)
-    leakage, near, n_leakage, n_near = [], [], 0, 0
+    leakage, near, n_leakage, n_test_leakage, n_near = [], [], 0, 0, 0
     for start in range(0, n, block):
         rows = np.arange(start, min(start + block, n))
         close = np.bitwise_count(hashes[rows][:, None] ^ hashes[None, :]) <= NEAR_DUPLICATE_BITS
         close &= np.arange(n)[None, :] > rows[:, None]  # each pair once
         i, j = np.nonzero(close)
         a = rows[i]
-        across = (sides[a] != sides[j]) & (sides[a] < 2) & (sides[j] < 2)
+        # Without a val split every non-test image has the one "unknown" side (a job splits them),
+        # so a pair is across exactly when its sides differ.
+        across = sides[a] != sides[j]
         n_leakage += int(across.sum())
+        n_test_leakage += int((across & ((sides[a] == _TEST) | (sides[j] == _TEST))).sum())
         n_near += int((~across).sum())
         for k in np.flatnonzero(across)[:MAX_LISTED - len(leakage)]:
-            train, val = sorted((hashed[a[k]], hashed[j[k]]), key=lambda img: _side(img, has_val) != "train")
-            leakage.append({"train": _ref(train), "val": _ref(val), "distance": _distance(train, val)})
+            leakage.append(_leakage_pair(hashed[a[k]], hashed[j[k]], has_val))
         for k in np.flatnonzero(~across)[:MAX_LISTED - len(near)]:
             first, second = hashed[a[k]], hashed[j[k]]
             near.append({"a": _ref(first), "b": _ref(second), "distance": _distance(first, second)})
-    return leakage, near, n_leakage, n_near
+    return leakage, near, n_leakage, n_test_leakage, n_near
+
+
+def _leakage_pair(x: ImageLike, y: ImageLike, has_val: bool) -> dict:
+    # Each image under its side's key; an unsplit image (no val split) is on the training side.
+    first, second = sorted((x, y), key=lambda img: _SIDES.index(_side(img, has_val) or "train"))
+    return {(_side(first, has_val) or "train"): _ref(first), (_side(second, has_val) or "train"): _ref(second),
+            "distance": _distance(first, second)}
 
 
 def _distance(a: ImageLike, b: ImageLike) -> int:
@@ -162,6 +202,9 @@ def _distance(a: ImageLike, b: ImageLike) -> int:
 
 
 def _side(img: ImageLike, has_val: bool) -> str | None:
+    """train/val/test, or None for an unsplit image whose side a job decides (no val split)."""
+    if img.split == "test":
+        return "test"
     if has_val:
         return img.split or "train"
     return None

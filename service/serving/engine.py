@@ -273,10 +273,11 @@ class InferenceEngine:
             classifier = self._head(request.model.classifier)
             n = offsets[i + 1] - offsets[i]
             logits = classifier.head_logits(feats[offsets[i]:offsets[i + 1]]).float()
-            if classifier.tta_flip:  # the same arithmetic as Classifier.predict_proba
-                logits = (logits + classifier.head_logits(feats[mirror_at:mirror_at + n]).float()) / 2
+            mirrored = None
+            if classifier.tta_flip:
+                mirrored = classifier.head_logits(feats[mirror_at:mirror_at + n]).float()
                 mirror_at += n
-            request.future.set_result(torch.softmax(logits / classifier.temperature, dim=1).cpu())
+            request.future.set_result(request.model.classifier.serve(logits, mirrored)[1].cpu())
 
     def _backbone(self, features: nn.Module, input_size: int) -> nn.Module:
         with self._preparing:

@@ -17,43 +17,40 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from service.enums import ExportFormat
+from service.settings import Settings
 from service.store.tables import Model
-from workers.artifacts import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, LoadedModel, load_artifact, sha256_file
+from workers.artifacts import (FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, Classifier, LoadedModel, load_artifact,
+                               sha256_file)
 
-ExportFormat = Literal["onnx", "safetensors", "torchscript"]
 MODEL_FILES: dict[str, str] = {"onnx": "model.onnx", "safetensors": WEIGHTS_FILE, "torchscript": "model.torchscript.pt"}
 INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "probabilities")
 _EXPORT_LOCK = threading.Lock()  # exporters trace the model; one export at a time is plenty
 
 
 class WithProbabilities(nn.Module):
-    """The classifier as /predict serves it (Classifier.predict_proba): logits averaged with the
-    mirror image's when the model was trained with tta_flip, and probabilities = softmax(logits /
+    """The classifier as /predict serves it (Classifier.serve): logits averaged with the mirror
+    image's when the model was trained with tta_flip, and probabilities = softmax(logits /
     temperature), the calibrated scores. The exported graph answers both."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: Classifier):
         super().__init__()
         self.classifier = classifier
-        self.tta_flip = bool(getattr(classifier, "tta_flip", False))
-        self.temperature = float(getattr(classifier, "temperature", 1.0))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(x)
-        if self.tta_flip:
-            logits = (logits + self.classifier(x.flip(-1))) / 2
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        mirrored = self.classifier(x.flip(-1)) if self.classifier.tta_flip else None
+        return self.classifier.serve(self.classifier(x), mirrored)
 
 
 class Exporter:
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.root = data_dir / "exports"
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = settings.exports_dir
 
     def export(self, row: Model, fmt: ExportFormat) -> Path:
         """The zip for this model and format, built on first request (raises ArtifactCorrupt)."""
@@ -64,10 +61,11 @@ class Exporter:
             if target.is_file():
                 return target
             self.root.mkdir(parents=True, exist_ok=True)
-            loaded = _standalone(load_artifact(self.data_dir / row.artifact_dir, row.sha256))  # verifies sha256
+            artifact_dir = self.settings.data_path(row.artifact_dir)
+            loaded = _standalone(load_artifact(artifact_dir, row.sha256))  # verifies sha256
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
                 model_file = Path(tmp) / MODEL_FILES[fmt]
-                details = _WRITERS[fmt](loaded, self.data_dir / row.artifact_dir, model_file)
+                details = _WRITERS[fmt](loaded, artifact_dir, model_file)
                 manifest = export_manifest(loaded, fmt, model_file, details)
                 zip_tmp = Path(tmp) / "export.zip"
                 with zipfile.ZipFile(zip_tmp, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from service.errors import InvalidInput
 from service.serving.engine import InferenceEngine
+from service.settings import Settings
 from service.store.tables import Model
 from workers.artifacts import LoadedModel, load_artifact, weight_bytes
 from workers.imaging import ImageRejected
@@ -25,9 +25,9 @@ class ModelCache:
     model just loaded always stays, even alone over the budget. Loads verify the artifact's sha256.
     """
 
-    def __init__(self, data_dir: Path, max_bytes: int, allow_downloads: bool = False,
+    def __init__(self, settings: Settings, max_bytes: int, allow_downloads: bool = False,
                  copy_bytes: Callable[[nn.Module], int] | None = None):
-        self.data_dir = data_dir
+        self.settings = settings
         self.max_bytes = max_bytes
         self.allow_downloads = allow_downloads
         self.copy_bytes = copy_bytes or (lambda backbone: 0)
@@ -40,7 +40,7 @@ class ModelCache:
             if row.id in self._models:
                 self._models.move_to_end(row.id)
                 return self._models[row.id]
-        loaded = load_artifact(self.data_dir / row.artifact_dir, row.sha256, allow_downloads=self.allow_downloads)
+        loaded = load_artifact(self.settings.data_path(row.artifact_dir), row.sha256, allow_downloads=self.allow_downloads)
         own = loaded.own_bytes  # outside the lock: walks every tensor
         with self._lock:
             if row.id in self._models:  # another request loaded it meanwhile: keep one copy

@@ -155,10 +155,25 @@ async function refreshDatasets() {
   if (chosen && state.datasets.some((d) => d.id === chosen)) select.value = chosen;
 }
 
-async function loadBackbones() {
-  const backbones = await api("/v1/backbones");
+// The form follows the server's schema: its strategies, limits and defaults (recipe.js).
+async function loadTrainForm() {
+  const [backbones, openapi] = await Promise.all([api("/v1/backbones"), api("/openapi.json")]);
+  const schema = jobRequestSchema(openapi);
+  const backbone = recipeField(schema, "backbone");
   $("#train-backbone").replaceChildren(...backbones.map((b) =>
     el("option", { value: b.name, disabled: !b.weights_available }, b.name + (b.weights_available ? "" : " (no weights)"))));
+  $("#train-backbone").value = backbone.default;
+  $("#train-backbone").title = backbone.description;
+  const strategy = recipeField(schema, "strategy");
+  $("#train-strategy").replaceChildren(...strategy.choices.map((s) => el("option", { value: s }, s)));
+  $("#train-strategy").value = strategy.default;
+  $("#train-strategy").title = strategy.description;
+  for (const input of document.querySelectorAll("#train-form input[data-field]")) {
+    const field = recipeField(schema, input.dataset.field);
+    Object.assign(input, { placeholder: field.hint, title: field.description });
+    if (field.minimum !== undefined) input.min = field.minimum;
+    if (field.maximum !== undefined) input.max = field.maximum;
+  }
 }
 
 // -- jobs -------------------------------------------------------------------------------------
@@ -437,7 +452,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#train-form").addEventListener("submit", startJob);
   $("#predict-file").addEventListener("change", (e) => predictFiles([...e.target.files]));
   dropzone($("#predict-drop"), predictFiles);
-  loadBackbones().catch(showError);
+  loadTrainForm().catch(showError);
   refreshAll();
   setInterval(refreshAll, 3000);
 });

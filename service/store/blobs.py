@@ -2,18 +2,25 @@
 
 Uploads write through a Staging area (a private folder under the data dir's tmp/) and move their
 files into the store only once the whole upload has been accepted, so a refused or failed upload
-leaves nothing behind, and a half-written file is never visible under its final name.
+leaves nothing behind, and a half-written file is never visible under its final name. A process
+killed mid-upload cannot clean up: `sweep_staging` removes what it left, at the next start-up.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+
+STAGING_PREFIX = "upload-"
+log = logging.getLogger("graft.store")
 
 
 class BlobStore:
@@ -45,7 +52,7 @@ class BlobStore:
     @contextmanager
     def staging(self, tmp_dir: Path) -> Iterator["Staging"]:
         """A private folder for one upload's files; removed on exit, whatever happened."""
-        folder = tmp_dir / f"upload-{uuid.uuid4().hex}"
+        folder = tmp_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         folder.mkdir(parents=True)
         try:
             yield Staging(self, folder)
@@ -77,3 +84,29 @@ class Staging:
         for digest in set(keep) & self._staged:
             os.replace(self.folder / digest, self.store._folder(digest) / digest)
         self._staged.clear()
+
+
+def sweep_staging(tmp_dir: Path, max_age_s: float) -> list[Path]:
+    """Remove the staging folders that killed processes left behind (their `finally` never ran):
+    those untouched for max_age_s. A live upload writes into its folder as it goes, so it stays
+    younger, even one of another process sharing this data dir."""
+    removed = []
+    for folder in tmp_dir.glob(f"{STAGING_PREFIX}*"):
+        try:
+            age = time.time() - _last_change(folder)
+            if age <= max_age_s:
+                continue
+            files = [f.stat().st_size for f in folder.iterdir()]
+        except (FileNotFoundError, NotADirectoryError):  # finished meanwhile, or not ours
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        log.warning("removed %s, left by a process that died mid-upload: %d files, %d bytes, %.0f s old",
+                    folder, len(files), sum(files), age,
+                    extra={"action": "sweep_staging", "files": len(files), "bytes": sum(files)})
+    return removed
+
+
+def _last_change(folder: Path) -> float:
+    """The newest mtime of a folder and of the files in it."""
+    return max([folder.stat().st_mtime] + [entry.stat().st_mtime for entry in os.scandir(folder)])

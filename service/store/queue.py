@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import random
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.enums import ACTIVE, TERMINAL, JobStatus  # noqa: F401  (re-exported for the server side)
 from service.store.db import Database, utcnow
-from service.store.tables import DEFAULT_PROJECT_ID, Job, JobEvent, Model, WorkerRecord, new_id
+from service.store.tables import DEFAULT_PROJECT_ID, Job, JobEvent, Model, WorkerRecord
 from service.store.wakeups import jobs_claimable
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 MAX_BACKOFF_S = 300.0
 
 
@@ -37,6 +36,20 @@ class Claim:
     project_id: str = DEFAULT_PROJECT_ID
     checkpoint_epoch: int | None = None
     checkpoint_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A trained model as a worker hands it to publish(); its job, dataset and project come from the claim."""
+
+    id: str
+    backbone: str
+    classes: list[str]
+    metrics: dict
+    recipe: dict
+    artifact_dir: str  # relative to the data dir (Settings.relative_to_data)
+    sha256: str
+    size_bytes: int
 
 
 def add_event(session: Session, job_id: str, kind: str, **data) -> None:
@@ -59,7 +72,7 @@ class JobQueue:
                   requires_gpu=requires_gpu, progress={}, attempt_history=[])
         session.add(job)
         session.flush()
-        add_event(session, job.id, "status", status=QUEUED)
+        add_event(session, job.id, "status", status=JobStatus.queued)
         jobs_claimable(session)
         return job
 
@@ -70,12 +83,57 @@ class JobQueue:
         # job since the caller loaded it, and writing status from a stale read would overwrite
         # that (a running or succeeded job, model published, shown as cancelled).
         session.refresh(job, with_for_update=True)
-        if job.status == QUEUED:
-            job.status, job.finished_at = CANCELLED, utcnow()
-            add_event(session, job.id, "status", status=CANCELLED)
-        elif job.status == RUNNING and not job.cancel_requested:
+        if job.status == JobStatus.queued:
+            job.status, job.finished_at = JobStatus.cancelled, utcnow()
+            add_event(session, job.id, "status", status=JobStatus.cancelled)
+        elif job.status == JobStatus.running and not job.cancel_requested:
             job.cancel_requested = True
             add_event(session, job.id, "cancel_requested")
+
+    @staticmethod
+    def get(session, job_id: str) -> Job | None:
+        return session.get(Job, job_id)
+
+    @staticmethod
+    def list_jobs(session, project_id: str, *, status: JobStatus | None = None, limit: int = 100,
+             offset: int = 0) -> list[Job]:
+        """The project's jobs, newest first, optionally of one status."""
+        query = select(Job).where(Job.project_id == project_id)
+        if status:
+            query = query.where(Job.status == status)
+        return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)))
+
+    @staticmethod
+    def status_of(session, job_id: str) -> str | None:
+        return session.scalar(select(Job.status).where(Job.id == job_id))
+
+    @staticmethod
+    def active_count(session, project_id: str) -> int:
+        """The project's queued and running jobs (what its concurrent-jobs quota counts)."""
+        return session.scalar(select(func.count()).select_from(Job).where(Job.project_id == project_id,
+                                                                         Job.status.in_(ACTIVE)))
+
+    @staticmethod
+    def of_project(session, job_ids: set[str], project_id: str) -> set[str]:
+        """Those of `job_ids` that belong to the project."""
+        return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.project_id == project_id)))
+
+    @staticmethod
+    def count_by_status(session) -> dict[str, int]:
+        return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+    @staticmethod
+    def waiting(session) -> tuple[int, datetime | None]:
+        """How many jobs are queued, and when the oldest of them was created."""
+        return tuple(session.execute(select(func.count(), func.min(Job.created_at))
+                                     .where(Job.status == JobStatus.queued)).one())
+
+    @staticmethod
+    def finished_runs(session) -> list[tuple[str, datetime, datetime]]:
+        """(final status, started_at, finished_at) of every job that ran and ended."""
+        return [tuple(row) for row in session.execute(
+            select(Job.status, Job.started_at, Job.finished_at)
+            .where(Job.status.in_(TERMINAL), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
 
     @staticmethod
     def events(session, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
@@ -101,8 +159,8 @@ class JobQueue:
         )
         stmt = (
             update(Job)
-            .where(Job.id == oldest_ready, Job.status == QUEUED)
-            .values(status=RUNNING, worker_id=worker_id, lease_token=token, heartbeat_at=now,
+            .where(Job.id == oldest_ready, Job.status == JobStatus.queued)
+            .values(status=JobStatus.running, worker_id=worker_id, lease_token=token, heartbeat_at=now,
                     started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
             .returning(Job.id, Job.project_id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch,
                        Job.checkpoint_file)
@@ -112,7 +170,7 @@ class JobQueue:
             row = s.execute(stmt).first()
             if row is None:
                 return None
-            add_event(s, row.id, "status", status=RUNNING, attempt=row.attempts, worker_id=worker_id)
+            add_event(s, row.id, "status", status=JobStatus.running, attempt=row.attempts, worker_id=worker_id)
         return Claim(job_id=row.id, lease_token=token, project_id=row.project_id, dataset_id=row.dataset_id,
                      config=row.config,
                      attempt=row.attempts, checkpoint_epoch=row.checkpoint_epoch,
@@ -127,10 +185,11 @@ class JobQueue:
 
     @staticmethod
     def _queued_for(has_gpu: bool) -> list:
-        return [Job.status == QUEUED] if has_gpu else [Job.status == QUEUED, Job.requires_gpu.is_(False)]
+        queued = Job.status == JobStatus.queued
+        return [queued] if has_gpu else [queued, Job.requires_gpu.is_(False)]
 
     def _leased(self, claim: Claim):
-        return and_(Job.id == claim.job_id, Job.lease_token == claim.lease_token, Job.status == RUNNING)
+        return and_(Job.id == claim.job_id, Job.lease_token == claim.lease_token, Job.status == JobStatus.running)
 
     def heartbeat(self, claim: Claim) -> str:
         """Renew the lease. Returns "ok", "cancel" (the user asked to stop) or "lost"."""
@@ -171,30 +230,30 @@ class JobQueue:
                             .execution_options(synchronize_session=False))
         return res.rowcount == 1
 
-    def publish(self, claim: Claim, model: Model) -> bool:
+    def publish(self, claim: Claim, record: ModelRecord) -> bool:
         """Insert the model row and mark the job succeeded in one transaction, only under lease."""
-        model.id = model.id or new_id()
         with self.db.session() as s:
             res = s.execute(
                 update(Job).where(self._leased(claim))
-                .values(status=SUCCEEDED, finished_at=self.now(), model_id=model.id, lease_token=None,
+                .values(status=JobStatus.succeeded, finished_at=self.now(), model_id=record.id, lease_token=None,
                         error_code=None, error_message=None)
                 .execution_options(synchronize_session=False)
             )
             if res.rowcount != 1:
                 return False  # lease lost: the update matched nothing, so nothing changes
-            s.add(model)
-            add_event(s, claim.job_id, "status", status=SUCCEEDED, model_id=model.id)
+            s.add(Model(**asdict(record), project_id=claim.project_id, job_id=claim.job_id,
+                        dataset_id=claim.dataset_id))
+            add_event(s, claim.job_id, "status", status=JobStatus.succeeded, model_id=record.id)
         return True
 
     def finish_cancelled(self, claim: Claim) -> bool:
         with self.db.session() as s:
             res = s.execute(update(Job).where(self._leased(claim))
-                            .values(status=CANCELLED, finished_at=self.now(), lease_token=None)
+                            .values(status=JobStatus.cancelled, finished_at=self.now(), lease_token=None)
                             .execution_options(synchronize_session=False))
             if res.rowcount != 1:
                 return False
-            add_event(s, claim.job_id, "status", status=CANCELLED)
+            add_event(s, claim.job_id, "status", status=JobStatus.cancelled)
         return True
 
     def fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> str:
@@ -217,25 +276,25 @@ class JobQueue:
         job.error_code, job.error_message = code, message
         job.lease_token, job.worker_id = None, None
         if retryable and job.attempts < job.max_attempts:
-            job.status, job.run_after = QUEUED, now + self._backoff(job.attempts)
-            add_event(s, job.id, "status", status=QUEUED, retry_at=job.run_after.isoformat(),
+            job.status, job.run_after = JobStatus.queued, now + self._backoff(job.attempts)
+            add_event(s, job.id, "status", status=JobStatus.queued, retry_at=job.run_after.isoformat(),
                       error_code=code, error_message=message)
             jobs_claimable(s)  # at once without backoff; otherwise idle workers set their alarm by it
         else:
-            job.status, job.finished_at = FAILED, now
-            add_event(s, job.id, "status", status=FAILED, error_code=code, error_message=message)
+            job.status, job.finished_at = JobStatus.failed, now
+            add_event(s, job.id, "status", status=JobStatus.failed, error_code=code, error_message=message)
         return job.status
 
     def release(self, claim: Claim) -> bool:
         """Give an unfinished job back to the queue (graceful shutdown); the attempt is not counted."""
         with self.db.session() as s:
             res = s.execute(update(Job).where(self._leased(claim))
-                            .values(status=QUEUED, lease_token=None, worker_id=None,
+                            .values(status=JobStatus.queued, lease_token=None, worker_id=None,
                                     attempts=Job.attempts - 1, run_after=self.now())
                             .execution_options(synchronize_session=False))
             if res.rowcount != 1:
                 return False
-            add_event(s, claim.job_id, "status", status=QUEUED, reason="worker shut down; handed back")
+            add_event(s, claim.job_id, "status", status=JobStatus.queued, reason="worker shut down; handed back")
             jobs_claimable(s)
         return True
 
@@ -244,13 +303,13 @@ class JobQueue:
         attempts, and finish as cancelled those the user had asked to stop."""
         now = self.now()
         cutoff = now - timedelta(seconds=self.stale_after_s)
-        silent = and_(Job.status == RUNNING, Job.heartbeat_at < cutoff)
+        silent = and_(Job.status == JobStatus.running, Job.heartbeat_at < cutoff)
         with self.db.session() as s:
             jobs = s.scalars(select(Job).where(silent).with_for_update(skip_locked=True)).all()
             for job in jobs:
                 if job.cancel_requested:
-                    job.status, job.finished_at, job.lease_token, job.worker_id = CANCELLED, now, None, None
-                    add_event(s, job.id, "status", status=CANCELLED, reason="worker lost while cancelling")
+                    job.status, job.finished_at, job.lease_token, job.worker_id = JobStatus.cancelled, now, None, None
+                    add_event(s, job.id, "status", status=JobStatus.cancelled, reason="worker lost while cancelling")
                 else:
                     self._end_attempt(s, job, "worker_lost", "the worker running this job stopped "
                                       "responding (crashed, killed or cut off)", retryable=True)

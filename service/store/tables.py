@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, column_property, mapped_column
 
+from service.enums import JobStatus
 from service.store.db import Base, UTCDateTime, utcnow
 
 
@@ -69,7 +70,7 @@ class Job(Base):
     project_id: Mapped[str] = mapped_column(String(32), index=True, default=DEFAULT_PROJECT_ID)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id"), index=True)
     config: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     run_after: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from service import cli
+from service.cli import commands as cli_commands
 from service.app import create_app
 from service.client import GraftAPIError, GraftClient, parse_sse, zip_folder
 from service.api.observability import schema_heads
@@ -198,14 +199,14 @@ def test_sse_parser_handles_comments_multiline_data_and_whole_event_payloads():
 
 def test_train_watch_shows_progress_then_a_metrics_table(capsys, monkeypatch):
     seen: list[httpx.Request] = []
-    monkeypatch.setattr(cli, "GraftClient", lambda url, key: GraftClient(url, key, transport=fake_api(seen)))
+    monkeypatch.setattr(cli_commands, "GraftClient", lambda url, key: GraftClient(url, key, transport=fake_api(seen)))
     code, out, err = graft(capsys, monkeypatch, "train", "d1", "--epochs", "2", "--image-size", "96", "--watch")
     assert code == 0, err
     assert json.loads(seen[0].content) == {"dataset_id": "d1", "epochs": 2, "image_size": 96}
     assert "2/2" in err and "val_acc 0.900" in err  # the progress bar's last frame
     assert "val_accuracy" in out and "0.9000" in out and "confusion matrix" in out and "per class" in out
 
-    monkeypatch.setattr(cli, "GraftClient",
+    monkeypatch.setattr(cli_commands, "GraftClient",
                         lambda url, key: GraftClient(url, key, transport=fake_api(seen, events=404, final="failed"),
                                                      poll_interval_s=0.01))
     code, out, err = graft(capsys, monkeypatch, "train", "d1", "--watch")

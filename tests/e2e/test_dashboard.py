@@ -18,6 +18,7 @@ from PIL import Image, ImageStat
 
 from tests.support.data import REPO, hymenoptera_files, make_zip
 from tests.support.live import free_port, stop, venv_env, wait_http
+from workers.config import TrainConfig
 
 pytestmark = pytest.mark.e2e
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -121,7 +122,13 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     assert "1 file(s) skipped" in text
     assert_not_blank(page.screenshot(path=str(tmp_path / "1-uploaded.png"), full_page=True))
 
-    # 2. Start a small job and watch it: the progress bar and curves fill from live events.
+    # 2. The form's choices and defaults are the API's (TrainConfig, read from /openapi.json).
+    page.wait_for_selector("#train-strategy option")
+    assert page.input_value("#train-strategy") == TrainConfig.model_fields["strategy"].default
+    assert page.input_value("#train-backbone") == TrainConfig.model_fields["backbone"].default
+    assert page.get_attribute("#train-batch-size", "placeholder") == str(TrainConfig.model_fields["batch_size"].default)
+
+    # Start a small job and watch it: the progress bar and curves fill from live events.
     page.fill("#train-epochs", "12")
     page.fill("#train-image-size", "64")
     page.select_option("#train-strategy", "linear_probe")

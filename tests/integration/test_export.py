@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from service.serving.exports import Exporter
+from service.settings import Settings
 from tests.support.data import hymenoptera_files
 from tests.support.training import api_with_trained_probe
 from workers.artifacts import Classifier, load_artifact, sha256_file, write_artifact
@@ -54,7 +55,7 @@ def open_export(zip_path) -> tuple[zipfile.ZipFile, dict]:
 
 def test_onnx_matches_pytorch_on_real_photos(imagenet_model, tmp_path):
     data_dir, row = imagenet_model
-    zip_path = Exporter(data_dir).export(row, "onnx")
+    zip_path = Exporter(Settings(data_dir=data_dir)).export(row, "onnx")
     zf, manifest = open_export(zip_path)
     assert sorted(zf.namelist()) == ["USAGE.md", "manifest.json", "model.onnx"]
     exp = manifest["export"]
@@ -87,14 +88,14 @@ def test_torchscript_and_safetensors_exports(imagenet_model, tmp_path):
     x = batch_of(hymenoptera_files("val", "bees")[:3], loaded.preprocessing)
     expected = loaded.classifier.predict_proba(x)
 
-    zf, manifest = open_export(Exporter(data_dir).export(row, "torchscript"))
+    zf, manifest = open_export(Exporter(Settings(data_dir=data_dir)).export(row, "torchscript"))
     (tmp_path / "m.pt").write_bytes(zf.read("model.torchscript.pt"))
     scripted = torch.jit.load(str(tmp_path / "m.pt"), map_location="cpu")
     _, probs = scripted(x.contiguous())
     assert torch.allclose(probs, expected, atol=1e-5)
     assert manifest["export"]["temperature"] == pytest.approx(1.7) and manifest["export"]["tta_flip"] is True
 
-    zf, manifest = open_export(Exporter(data_dir).export(row, "safetensors"))
+    zf, manifest = open_export(Exporter(Settings(data_dir=data_dir)).export(row, "safetensors"))
     weights = zf.read("model.safetensors")  # standalone: the full weights, also for a shared-backbone model
     assert manifest["sha256"] == row.sha256 and manifest["serving"]["temperature"] == pytest.approx(1.7)
     (tmp_path / "w.safetensors").write_bytes(weights)
@@ -103,7 +104,7 @@ def test_torchscript_and_safetensors_exports(imagenet_model, tmp_path):
 
 def test_an_export_is_built_once_and_then_served_from_cache(imagenet_model):
     data_dir, row = imagenet_model
-    exporter = Exporter(data_dir)
+    exporter = Exporter(Settings(data_dir=data_dir))
     first = exporter.export(row, "safetensors")
     mtime = first.stat().st_mtime_ns
     assert exporter.export(row, "safetensors") == first and first.stat().st_mtime_ns == mtime

@@ -41,10 +41,10 @@ def test_folder_layouts_with_a_wrapping_folder_and_a_test_split(client, guard):
     entries["My Photos/test/ants/t.png"] = png(70)
     entries["My Photos/README.txt"] = b"hi"
     body = created(upload(client, make_zip(entries)))
-    assert body["split_counts"] == {"train": {"ants": 5, "bees": 5}, "val": {"ants": 1, "bees": 2}}
+    assert body["split_counts"] == {"test": {"ants": 1}, "train": {"ants": 5, "bees": 5}, "val": {"ants": 1, "bees": 2}}
     assert body["has_val_split"] and body["trainable"] and body["version"] == 1 and not body["frozen"]
     why = {r["path"]: r["reason"] for r in body["rejected"]}
-    assert "not used" in why["My Photos/test/ants/t.png"] and "My Photos/README.txt" in why
+    assert "My Photos/test/ants/t.png" not in why and "My Photos/README.txt" in why
     guard.check_clean()
 
 
@@ -52,12 +52,12 @@ def test_csv_manifest_labels_a_flat_folder(client, guard):
     files = {f"pics/flat/{i}.png": png(i) for i in range(14)}
     rows = ["Path , Label , Split"]  # header case and spaces do not matter
     rows += [f"flat/{i}.png,{'ants' if i < 6 else 'bees'},{'val' if i in (0, 6) else 'train'}" for i in range(12)]
-    rows += ["./flat/12.png,bees,test", "flat/0.png,bees,", "flat/missing.png,ants,", "flat/13.png,  , "]
+    rows += ["./flat/12.png,bees,holdout", "flat/0.png,bees,", "flat/missing.png,ants,", "flat/13.png,  , "]
     csv_text = "\ufeff" + "\r\n".join(rows) + "\r\n"  # Excel writes a BOM and CRLF
     body = created(upload(client, make_zip({**files, "pics/labels.csv": csv_text.encode()})))
     assert body["split_counts"] == {"train": {"ants": 5, "bees": 5}, "val": {"ants": 1, "bees": 1}}
     why = {r["path"]: r["reason"] for r in body["rejected"]}
-    assert "not train or val" in why["pics/flat/12.png"] and "listed again" in why["flat/0.png"]
+    assert "not train, val or test" in why["pics/flat/12.png"] and "listed again" in why["flat/0.png"]
     assert "no usable file" in why["flat/missing.png"] and "empty" in why["pics/flat/13.png"]
     guard.check_clean()
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from service.store.db import Database, utcnow
-from service.store.queue import Claim, JobQueue
+from service.store.queue import Claim, JobQueue, ModelRecord
 from service.store.tables import Dataset, Job, Model, new_id
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +57,10 @@ def models_of(db: Database, job_id: str) -> list[Model]:
         return list(s.scalars(select(Model).where(Model.job_id == job_id)))
 
 
-def model_for(claim: Claim) -> Model:
-    """A model row as the worker builds it (with its id set, which publish records on the job)."""
-    return Model(id=new_id(), job_id=claim.job_id, dataset_id=claim.dataset_id, backbone="lite0",
-                 classes=["ants", "bees"], metrics={"val_accuracy": 1.0}, recipe={},
-                 artifact_dir=f"models/{claim.job_id}", sha256="0" * 64, size_bytes=1)
+def model_for(claim: Claim) -> ModelRecord:
+    """A model as the worker hands it to publish (with its id set, which publish records on the job)."""
+    return ModelRecord(id=new_id(), backbone="lite0", classes=["ants", "bees"], metrics={"val_accuracy": 1.0},
+                       recipe={}, artifact_dir=f"models/{claim.job_id}", sha256="0" * 64, size_bytes=1)
 
 
 def silence(db: Database, job_id: str, seconds: float = 10 * STALE_AFTER_S) -> None:
@@ -88,8 +87,8 @@ RACER = textwrap.dedent("""
     import json, sys
     from sqlalchemy import text
     from service.store.db import Database
-    from service.store.queue import JobQueue
-    from service.store.tables import Model, new_id
+    from service.store.queue import JobQueue, ModelRecord
+    from service.store.tables import new_id
 
     url, worker_id = sys.argv[1], sys.argv[2]
     db = Database(url)
@@ -101,9 +100,8 @@ RACER = textwrap.dedent("""
     claimed = []
     while (claim := queue.claim(worker_id)) is not None:
         claimed.append([claim.job_id, claim.attempt])
-        model = Model(id=new_id(), job_id=claim.job_id, dataset_id=claim.dataset_id, backbone="lite0",
-                      classes=["a", "b"], metrics={}, recipe={}, artifact_dir="models/" + claim.job_id,
-                      sha256="0" * 64, size_bytes=1)
+        model = ModelRecord(id=new_id(), backbone="lite0", classes=["a", "b"], metrics={}, recipe={},
+                            artifact_dir="models/" + claim.job_id, sha256="0" * 64, size_bytes=1)
         if not queue.publish(claim, model):
             sys.exit("publish failed for " + claim.job_id)
     db.dispose()

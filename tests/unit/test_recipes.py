@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from tests.support.training import PRE, SPEC, Recorder, one_thread, tiny_data  # noqa: F401
-from workers.training import auto
+from workers.training import auto, logistic
 from workers.artifacts import Classifier, load_artifact, write_artifact
 from workers.calibration import expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
@@ -349,21 +349,44 @@ def test_explicit_strategies_are_filled_in_and_auto_leaves_choices_open():
 # --- auto -------------------------------------------------------------------------------------------
 
 def test_auto_records_its_choice_and_the_choice_reproduces(data):
+    """With the user's val split: every candidate trains on train and is scored on val; the model
+    is the winner as trained on train, and the headline accuracy is the selection-corrected one."""
     recorder = Recorder()
     result = run(data, recorder, strategy="auto", epochs=None)  # default budget: no candidate is cut short
     chosen = result.recipe
     report = result.metrics["auto"]
     assert chosen["strategy"] != "auto" and report["chosen"] == chosen
-    assert report["candidates"][0]["recipe"] == {"strategy": "linear_probe", "head": "linear", "learning_rate": 1e-3,
-                                                 "augmentation": "none", "tta_flip": False, "dropout": 0.0,
-                                                 "epochs": 60}
+    recipes = [c["recipe"] for c in report["candidates"]]
+    assert [r.get("logistic_c") for r in recipes[:len(logistic.C_GRID)]] == list(logistic.C_GRID)
+    assert {"strategy": "linear_probe", "head": "linear", "solver": "adamw", "learning_rate": 1e-3,
+            "augmentation": "none", "tta_flip": False, "dropout": 0.0, "epochs": 60} in recipes
     best = max(report["candidates"], key=lambda c: (c["val_accuracy"], -c["val_loss"]))
-    assert result.metrics["val_accuracy"] == best["val_accuracy"] >= report["candidates"][0]["val_accuracy"]
+    m = result.metrics
+    assert m["selection_accuracy"] == best["val_accuracy"]
+    assert m["val_accuracy"] == m["estimate"]["accuracy"] and m["estimate"]["predictions"] == "val"
+    assert m["trained_on"] == {"images": len(data.train_y), "splits": ["train"]}
     assert any(u.get("auto_choice") for u in recorder.updates)
     again = train(TrainConfig.model_validate(chosen), data, SPEC.build_features(pretrained=True), SPEC.feature_dim,
                   Recorder(), CPU)
-    assert again.metrics["val_accuracy"] == result.metrics["val_accuracy"]
-    assert again.metrics["val_loss"] == result.metrics["val_loss"]
+    assert again.metrics["val_accuracy"] == m["selection_accuracy"]
+    assert again.metrics["val_loss"] == pytest.approx(m["val_loss"], abs=1e-5)
+
+
+def test_auto_with_refit_trains_the_choice_on_train_and_val(data, monkeypatch):
+    fitted_rows: list[int] = []
+    real_path = logistic.LogisticPath.__init__
+
+    def counting_path(self, x, y, *a, **kw):
+        fitted_rows.append(len(y))
+        real_path(self, x, y, *a, **kw)
+
+    monkeypatch.setattr(logistic.LogisticPath, "__init__", counting_path)
+    monkeypatch.setattr(auto, "FINE_TUNE_GRID", {"cpu": [], "cuda": []})  # heads only, to stay fast
+    result = run(data, strategy="auto", solver="lbfgs", refit=True, epochs=None)
+    labeled = len(data.train_y) + len(data.val_y)
+    assert result.recipe["solver"] == "lbfgs" and result.recipe["refit"] is None  # an explicit recipe
+    assert fitted_rows[-1] == 2 * labeled  # the refit: every image and its mirror
+    assert result.metrics["trained_on"] == {"images": labeled, "splits": ["train", "val"]}
 
 
 def test_auto_keeps_what_the_user_fixed_and_skips_what_contradicts_it(data):

@@ -13,6 +13,10 @@ stages, or AdaBN re-estimation before training), keeps the best epoch by `monito
 after `patience` epochs without improvement), then fits a temperature on the val logits; the
 classifier carries that temperature and `tta_flip` to the artifact and to /predict.
 
+A test split (`PreparedData.test_x`) is taken off the data before any strategy runs, so nothing
+trains, stops early, calibrates or chooses on it; the finished classifier is then scored on it
+through its own predict path (`metrics["test"]`, the val metrics' names without "val_").
+
 The epoch loops hold explicit optimizer, scheduler and torch.Generator objects (the generator
 draws batches and augmentation; torch's global RNG only MixUp/CutMix coefficients), which is what
 a checkpoint needs to resume an epoch exactly. On a GPU the decoded images live on the device
@@ -20,13 +24,19 @@ a checkpoint needs to resume an epoch exactly. On a GPU the decoded images live 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from workers.artifacts import Classifier
 from workers.config import TrainConfig
-from workers.device import pick_device
+from workers.device import autocast, inference_batch_size, pick_device
+from workers.metrics import classification_metrics
+from workers.preprocessing import eval_crop, normalize
 from workers.training.auto import train_auto
 from workers.training.contract import Control, PreparedData, TrainResult
+from workers.training.parts import index_batches
 from workers.training.recipe import train_recipe
 
 __all__ = ["Control", "PreparedData", "TrainResult", "train", "train_recipe"]
@@ -35,8 +45,34 @@ __all__ = ["Control", "PreparedData", "TrainResult", "train", "train_recipe"]
 def train(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
           control: Control, device: torch.device | None = None) -> TrainResult:
     device = device or pick_device()
-    data = data.on(device)
+    test_x, test_y = data.test_x, data.test_y
+    data = dataclasses.replace(data, test_x=None, test_y=None).on(device)  # no strategy can read test
     if config.strategy == "auto":
-        return train_auto(config, data, features, feature_dim, control, device)
-    return train_recipe(config, data, features, feature_dim, control, device, checkpoints=True)
+        result = train_auto(config, data, features, feature_dim, control, device)
+    else:
+        result = train_recipe(config, data, features, feature_dim, control, device, checkpoints=True)
+    if test_x is not None and len(test_x):
+        control.progress({"phase": "scoring the test split", "images": len(test_x)})
+        result.metrics["test"] = score_held_out(result.classifier, test_x, test_y, data, device, control)
+        result.metrics["num_test_images"] = len(test_y)
+    return result
+
+
+def score_held_out(classifier: Classifier, x_u8: torch.Tensor, y: torch.Tensor, data: PreparedData,
+                   device: torch.device, control: Control) -> dict:
+    """The finished classifier's scores on held-out images, from Classifier.predict_proba on the eval
+    crop (calibrated, mirror-averaged when tta_flip): what /predict answers for them."""
+    classifier.to(device).eval()
+    probs = []
+    try:
+        for idx in index_batches(len(x_u8), inference_batch_size(device), None):
+            x = normalize(eval_crop(x_u8[idx], data.preprocessing).to(device), data.preprocessing)
+            with autocast(device):  # as the serving engine runs the backbone
+                probs.append(classifier.predict_proba(x).float().cpu())
+            control.stop_if_asked()
+    finally:
+        classifier.to("cpu")  # where a TrainResult's classifier lives
+    scores = classification_metrics(y.cpu(), torch.cat(probs), data.classes)
+    renamed = {"val_accuracy": "accuracy", "val_loss": "loss", "num_val_images": "num_images"}
+    return {renamed.get(key, key): value for key, value in scores.items()}
 

@@ -1,72 +1,102 @@
-"""strategy "auto": a short search on the val split that picks the recipe for the user.
+"""strategy "auto": a search that picks the recipe, trains it on every image it may, and reports
+an accuracy that survives the choice.
 
-The search, in order (each candidate is an ordinary recipe; fields the user set are kept fixed,
-and candidates that contradict them are skipped):
+Which images train and which choose depends on who made the val split:
 
-1. Head search on cached features (every device). The backbone's features of the train and val
-   images, and of their mirror images, are computed once (two backbone passes); each candidate
-   then trains only a head on them, which costs well under a second on a CPU:
-     - the plain `linear_probe` defaults (linear head, lr 1e-3, no augmentation, no TTA) — first,
-       so "auto" can never score below the linear probe on val;
-     - linear head at lr 1e-3 and 3e-3, mlp head (512 ReLU units, dropout 0.2) at lr 1e-3, each
-       trained on the images and their mirrors with test-time flip averaging.
-2. Fine-tuning candidates, when the time budget has room for them (see `plan_fine_tuning`):
-     - GPU: `fine_tune` at lr 5e-4 and 2e-4 (15 epochs, light augmentation, TTA), then `partial`
-       (last 3 stages, lr 1e-3);
-     - CPU: one `fine_tune` at lr 5e-4 with as many epochs (at least 8, at most 10) as the budget
-       allows; with the default budget that means small images or small datasets only (a few
-       hundred photos at 224 px need about a 5-minute budget).
-   Whether a candidate runs, and for how many epochs, follows a fixed cost model (images/s per
-   device type, below; the probes are costed by the same model, not timed), so the same job on
-   the same kind of device makes the same choices.
-   If the budget runs out anyway (a machine much slower than the model), the running
-   candidate stops at the end of its epoch (its best epoch is kept) and the rest are skipped.
-3. The winner is the candidate with the best val accuracy, ties to the lowest NLL after its
-   temperature is fitted; it is calibrated like any model.
+- Graft made it (`PreparedData.val_given` False: the user uploaded labeled images only). Holding
+  20% out would waste scarce images and score the choice on a small, noisy split. So the search
+  pools train + val and cross-validates: stratified k folds (k = min(5, the smallest class's
+  count), at least 2; `selection.stratified_folds`, fixed by the seed). Every candidate is
+  trained k times, each time predicting the fold it did not see; the winner (best out-of-fold
+  accuracy, ties to the lower NLL) is then refitted on all the images.
+- The user gave it. It is used as the user meant it: candidates train on train and are chosen on
+  val; `refit: true` then trains the winner on train + val (default false: the model never sees
+  val, so its val metrics stay a held-out score).
 
-The chosen recipe (a complete, explicit config) is returned as the result's `recipe`, reported
-in the job's progress (`auto_choice`) and in the model's metrics (`auto`: the choice and every
-candidate's score and cost). Re-running that recipe as an explicit job gives the same model.
-The winner is picked on the val split it is then scored on, so its val accuracy is optimistic by
-up to the spread between candidates (about one image on hymenoptera's 153; every candidate's
-score is in the report). A job that asks for what no probe can do (cutmix, strong augmentation,
-bn_mode "train") gets a fine-tuning candidate even when the budget is short.
+The candidates (each an ordinary explicit recipe; fields the user set are kept fixed, and
+candidates that contradict them are skipped):
+
+1. Logistic regression heads on the frozen features (every device): full-batch multinomial
+   logistic regression by L-BFGS on standardized features, trained on each image and its mirror,
+   predicting with mirror averaging, for each L2 strength in `logistic.C_GRID` (solver "lbfgs").
+   The backbone's features of every image and its mirror are computed once (two passes) and
+   reused across folds, strengths and later jobs on the same images (probe.FeatureCache). With
+   a user's val split the Adam-trained heads of old (`PROBE_GRID`) are tried too; under cross-
+   validation they are not: they pick their best epoch on the split they are scored on, and on
+   hymenoptera and bloodcells a logistic head beat or tied every one of them (docs/benchmarks.md).
+2. On a CPU, fine-tuning the top of the network (strategy fine_tune_top: the last
+   `TOP_STAGES` stages and the head, trained on activations cached once; workers/training/top.py),
+   under the same folds, when the cost model says the folds and the refit fit in the budget. Its
+   cache also gives the heads their features: one bottom pass for both.
+3. Fine-tuning the whole network or its last stages (GPU: three recipes; CPU: one, small data
+   only) when the budget has room (`plan_fine_tuning`). These cost too much to train k + 1 times,
+   so they are scored as before on the val split only (the images the heads predicted out of
+   fold there) and, if one wins, it is the model (trained on train only).
+Whether a candidate runs follows a fixed cost model (images/s per device type, below; nothing is
+timed), so the same job on the same kind of device makes the same choices.
+
+The headline `val_accuracy` is not the winner's selection score (optimistic: it was picked for
+being high). It is the BBC-CV estimate (`selection.bbc_estimate`): bootstrap the images, repeat
+the choice on the in-bag ones, score the choice on the out-of-bag ones; `estimate` holds it with
+its 95% interval. Per-class metrics, the confusion matrix and the temperature come from the
+winner's out-of-sample predictions (out of fold, or on val), and the refitted model carries that
+temperature. The model's `trained_on` says which images trained it. A test split
+(`PreparedData.test_x`) is never read here.
+
+The chosen recipe (a complete, explicit config) is the result's `recipe`, reported in the job's
+progress (`auto_choice`) and in the model's metrics (`auto`: the choice and every candidate's
+score and time). Submitting it as an explicit job on the same train split gives the same model;
+the refit is that recipe on train + val.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+from workers.artifacts import Classifier
+from workers.backbones import get_backbone
+from workers.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
 from workers.errors import JobError
+from workers.metrics import classification_metrics
+from workers.training import logistic, selection
 from workers.training.contract import Control, NullControl, PreparedData, TrainResult
-from workers.training.parts import adapt_batchnorm
+from workers.training.parts import adapt_batchnorm, logits_of
 from workers.training.probe import FeatureCache
 from workers.training.recipe import train_recipe
 
 # Seconds the search may spend when the job gives no time_budget_s. On a CPU the default keeps a
-# job on a few hundred images under three minutes from submit.
+# job on 1,500 images at 224 px under three minutes from submit.
 DEFAULT_BUDGET_S = {"cpu": 150.0, "cuda": 600.0}
-# The cost model for planning fine-tuning: training images/s (forward + backward, augmentation)
-# and inference images/s of EfficientNet-Lite0 at 224 px, as measured (docs/benchmarks.md);
-# scaled by (224 / image_size)^2 for other sizes.
+# The cost model: training images/s (forward + backward, augmentation) and inference images/s of
+# EfficientNet-Lite0 at 224 px, as measured (docs/benchmarks.md); scaled by (224 / image_size)^2.
 TRAIN_IMAGES_PER_S = {"cpu": 12.0, "cuda": 800.0}
 INFER_IMAGES_PER_S = {"cpu": 55.0, "cuda": 3000.0}
+# fine_tune_top on a CPU: images/s through the top TOP_STAGES stages, training and predicting.
+TOP_TRAIN_IMAGES_PER_S = 60.0
+TOP_INFER_IMAGES_PER_S = 400.0
+TOP_STAGES = 2
 # Short fine-tunes lose to the probe: on hymenoptera at 224 px (CPU), 5 epochs of fine_tune gave
 # 0.922 and of partial (3 stages) 0.935 val accuracy, against 0.954 for the linear probe.
 MIN_FINE_TUNE_EPOCHS = 8
-PROBE_SECONDS = 1.0
+# One logistic fit on 2 x 1,200 images x 1,280 features: about 0.2 s on 2 cores.
+HEAD_FIT_SECONDS = 0.3
+PROBE_SECONDS = 1.0  # one Adam-trained head
 
+LOGISTIC = {"head": "linear", "solver": "lbfgs", "augmentation": "light", "tta_flip": True, "dropout": 0.0}
 PROBE_GRID: list[dict] = [
     {"head": "linear", "learning_rate": 1e-3, "augmentation": "none", "tta_flip": False, "dropout": 0.0},
     {"head": "linear", "learning_rate": 1e-3, "augmentation": "light", "tta_flip": True, "dropout": 0.0},
     {"head": "linear", "learning_rate": 3e-3, "augmentation": "light", "tta_flip": True, "dropout": 0.0},
     {"head": "mlp", "learning_rate": 1e-3, "augmentation": "light", "tta_flip": True, "dropout": 0.2},
 ]
+ADAM = {"solver": "adamw"}
 FINE_TUNE_GRID: dict[str, list[dict]] = {
     "cuda": [
         {"strategy": "fine_tune", "learning_rate": 5e-4, "epochs": 15},
@@ -76,6 +106,9 @@ FINE_TUNE_GRID: dict[str, list[dict]] = {
     "cpu": [{"strategy": "fine_tune", "learning_rate": 5e-4, "epochs": 10}],
 }
 _FINE_TUNE_COMMON = {"head": "linear", "augmentation": "light", "tta_flip": True, "dropout": 0.0}
+TOP_RECIPE = {"strategy": "fine_tune_top", "unfreeze_stages": TOP_STAGES, "head": "linear", "tta_flip": True,
+              "dropout": 0.0}
+_STAGED = ("partial", "gradual", "fine_tune_top")
 
 
 def candidate(config: TrainConfig, overrides: dict) -> TrainConfig | None:
@@ -85,10 +118,13 @@ def candidate(config: TrainConfig, overrides: dict) -> TrainConfig | None:
     user_set = {k for k, v in base.items() if v is not None}
     merged = {**base, **{k: v for k, v in overrides.items() if k not in user_set or k == "strategy"}}
     merged.pop("time_budget_s", None)
+    merged.pop("refit", None)
     if config.epochs is not None:
         merged["epochs"] = config.epochs
-    if merged.get("unfreeze_stages") is not None and merged["strategy"] not in ("partial", "gradual"):
+    if merged.get("unfreeze_stages") is not None and merged["strategy"] not in _STAGED:
         merged["unfreeze_stages"] = None
+    if merged["strategy"] != "linear_probe":
+        merged["solver"] = merged["logistic_c"] = None
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError:
@@ -104,17 +140,27 @@ def _unique(configs: list[TrainConfig | None]) -> list[TrainConfig]:
     return out
 
 
+def head_candidates(config: TrainConfig, cross_validated: bool) -> list[TrainConfig]:
+    """Logistic heads over the C grid; with a user's val split, the Adam heads too."""
+    heads = [candidate(config, {"strategy": "linear_probe", **LOGISTIC, "logistic_c": c}) for c in logistic.C_GRID]
+    if not cross_validated:
+        heads += [candidate(config, {"strategy": "linear_probe", **ADAM, **o}) for o in PROBE_GRID]
+    return _unique(heads)
+
+
 def _rates(config: TrainConfig, device_type: str) -> tuple[float, float]:
     scale = (224 / config.image_size) ** 2
     return TRAIN_IMAGES_PER_S[device_type] * scale, INFER_IMAGES_PER_S[device_type] * scale
 
 
-def modelled_probe_seconds(config: TrainConfig, data: PreparedData, device_type: str, probes: int) -> float:
-    """Two backbone passes (images and mirrors) over train + val, plus about a second per head."""
-    if not probes:
+def modelled_probe_seconds(config: TrainConfig, data: PreparedData, device_type: str, heads: list[TrainConfig],
+                           folds: int = 1) -> float:
+    """Two backbone passes (images and mirrors) over train + val, plus the heads' fits."""
+    if not heads:
         return 0.0
     _, infer_ips = _rates(config, device_type)
-    return 2 * (len(data.train_y) + len(data.val_y)) / infer_ips + probes * PROBE_SECONDS
+    fits = sum(HEAD_FIT_SECONDS if h.solver == "lbfgs" else PROBE_SECONDS for h in heads) * (folds + 1)
+    return 2 * (len(data.train_y) + len(data.val_y)) / infer_ips + fits
 
 
 def plan_fine_tuning(config: TrainConfig, data: PreparedData, device_type: str, seconds_left: float,
@@ -137,8 +183,38 @@ def plan_fine_tuning(config: TrainConfig, data: PreparedData, device_type: str, 
     return out
 
 
-def _score(result: TrainResult) -> tuple[float, float]:
-    return (result.metrics["val_accuracy"], -result.metrics["val_loss"])
+def top_seconds(c: TrainConfig, images: int, folds: int) -> float:
+    """Modelled cost of cross-validating fine_tune_top over `folds` folds and refitting it on all."""
+    scale = (224 / c.image_size) ** 2
+    train_images = c.epochs * images * ((folds - 1) / folds * folds + 1)
+    predicted = 2 * images  # each image out of fold, with its mirror
+    return train_images / (TOP_TRAIN_IMAGES_PER_S * scale) + predicted / (TOP_INFER_IMAGES_PER_S * scale)
+
+
+def plan_top(config: TrainConfig, images: int, folds: int, device_type: str, seconds_left: float) -> TrainConfig | None:
+    """The fine_tune_top candidate, on a CPU, when its backbone can be cut and its folds and refit
+    fit in `seconds_left` by the cost model."""
+    from workers.training.top import supports_top_tuning
+    if device_type != "cpu" or not supports_top_tuning(get_backbone(config.backbone)):
+        return None
+    c = candidate(config, TOP_RECIPE)
+    if c is None or top_seconds(c, images, folds) > seconds_left:
+        return None
+    return c
+
+
+# --- the search -------------------------------------------------------------------------------
+
+@dataclass
+class Scored:
+    """A candidate and its out-of-sample logits over the rows it was scored on."""
+
+    config: TrainConfig
+    logits: torch.Tensor
+    rows: torch.Tensor  # indices into the pooled images (train, then val)
+    seconds: float
+    scored_on: str  # "out of fold" or "val"
+    result: TrainResult | None = None  # a model trained on train only (holdout candidates)
 
 
 def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
@@ -146,73 +222,319 @@ def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, fea
     started = time.perf_counter()
     device_type = "cuda" if device.type == "cuda" else "cpu"
     budget = config.time_budget_s or DEFAULT_BUDGET_S[device_type]
-    deadline = started + budget
-    fine_tune_grid = FINE_TUNE_GRID[device_type]
-    pristine = copy.deepcopy(features.state_dict()) if fine_tune_grid else None
+    search = _Search(config, data, features, feature_dim, control, device, device_type, budget, started)
+    if data.val_given:
+        return search.on_given_val()
+    return search.cross_validated()
 
-    probes = _unique([candidate(config, {"strategy": "linear_probe", **o}) for o in PROBE_GRID])
-    results: list[tuple[TrainConfig, TrainResult, float]] = []
-    if probes:
-        if config.bn_mode == "adabn":
-            adapt_batchnorm(features, data.train_x, data.preprocessing, device, control)
-        cache = FeatureCache(features, data, device, control)
-        for i, c in enumerate(probes, start=1):
-            control.progress({"phase": "auto search", "candidate": i, "candidates": len(probes),
-                              "trying": _describe(c)})
-            t0 = time.perf_counter()
-            results.append((c, train_recipe(c, data, features, feature_dim, _Quiet(control), device, cache),
-                            time.perf_counter() - t0))
-    # The plan uses the modelled cost of the probes, not their measured time: same job, same plan.
-    seconds_left = budget - modelled_probe_seconds(config, data, device_type, len(probes))
-    planned = plan_fine_tuning(config, data, device_type, seconds_left)
-    if not probes and not planned:  # e.g. cutmix or strong augmentation asked for: fine-tuning only
-        planned = plan_fine_tuning(config, data, device_type, max(seconds_left, 0), min_epochs=1)[:1]
-        planned = planned or [c.model_copy(update={"epochs": 1})
-                              for c in plan_fine_tuning(config, data, device_type, float("inf"))[:1]]
-    skipped = []
-    for c in planned:
-        if time.perf_counter() > deadline and results:
-            skipped.append(_describe(c))
-            continue
-        control.progress({"phase": "auto search", "trying": _describe(c)})
-        tuned = copy.deepcopy(features)
-        tuned.load_state_dict(pristine)
+
+class _Search:
+    def __init__(self, config, data, features, feature_dim, control, device, device_type, budget, started):
+        self.config, self.data, self.features, self.feature_dim = config, data, features, feature_dim
+        self.control, self.device, self.device_type = control, device, device_type
+        self.budget, self.started, self.deadline = budget, started, started + budget
+        self.skipped: list[dict] = []
+        self.backbone_images = 0
+        self.y = torch.cat([data.train_y, data.val_y]).cpu()  # the pooled labels: train, then val
+        self.val_rows = torch.arange(len(data.train_y), len(self.y))
+
+    # -- Graft's own split: cross-validate over every labeled image, refit the winner on all --------
+
+    def cross_validated(self) -> TrainResult:
+        config, data, y = self.config, self.data, self.y
+        k = selection.fold_count(y)
+        folds = selection.stratified_folds(y, k, config.seed)
+        heads = head_candidates(config, cross_validated=True)
+        seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads, k)
+        top = plan_top(config, len(y), k, self.device_type, seconds_left) if heads else None
+        acts, x, x_mirror, reused = None, None, None, False
+        if top is not None:
+            seconds_left -= top_seconds(top, len(y), k)
+            acts = self._activations(top.unfreeze_stages)
+            x, x_mirror = acts.pooled(self.features)
+        elif heads:
+            x, x_mirror, reused = self._features()
+        scored = self._cv_heads(heads, x, x_mirror, y, folds) if heads else []
+        if top is not None:
+            scored.append(self._cv_top(top, acts, y, folds))
+        holdout = self._holdout_fine_tunes(bool(scored), seconds_left)
+        if not scored and not holdout:
+            raise _no_recipe()
+        if holdout:  # the best cross-validated candidate against the fine-tunes, on the val images
+            lead = [scored[selection.select([s.logits for s in scored], y)]] if scored else []
+            rows = self.val_rows
+            pool = [dataclasses.replace(s, logits=s.logits[rows], rows=rows) for s in lead] + holdout
+            target = data.val_y.cpu()
+            selected_on = "val split (fine-tuning candidates are scored on it only)"
+        else:
+            pool, target = scored, y
+            selected_on = f"{k}-fold stratified cross-validation over all {len(y)} labeled images (train + val)"
+        best = pool[selection.select([s.logits for s in pool], target)]
+        estimate = selection.bbc_estimate([s.logits for s in pool], target, config.seed)
+        estimate["folds"] = k if not holdout else None
+        if best.result is not None:
+            classifier, trained_on = best.result.classifier, {"images": len(data.train_y), "splits": ["train"]}
+        else:
+            classifier = self._refit(best.config, x, x_mirror, y, acts)
+            trained_on = {"images": len(y), "splits": ["train", "val"]}
+        metrics = self._metrics(classifier, best, target, estimate, trained_on)
+        report = self._report(best.config, scored + holdout, selected_on)
+        if heads and top is None:
+            metrics["features_reused"] = reused
+        return self._result(classifier, metrics, report, best)
+
+    def _features(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Backbone features of every labeled image (train, then val) and of their mirrors."""
+        if self.config.bn_mode == "adabn":
+            adapt_batchnorm(self.features, self.data.train_x, self.data.preprocessing, self.device, self.control)
+        cache = FeatureCache(self.features, self.data, self.device, self.control)
+        x = torch.cat([cache.train, cache.val]).cpu()
+        x_mirror = torch.cat([cache.mirror("train"), cache.mirror("val")]).cpu()
+        self.backbone_images += cache.images
+        return x, x_mirror, cache.reused
+
+    def _activations(self, k: int):
+        from workers.training.top import StageActivations
+        spec = get_backbone(self.config.backbone)
+        pooled_x = torch.cat([self.data.train_x, self.data.val_x])
+        acts = StageActivations.compute(self.features, spec, pooled_x, self.data.preprocessing, k, self.device,
+                                        self.control)
+        self.backbone_images += 2 * len(pooled_x)
+        return acts
+
+    def _cv_heads(self, heads: list[TrainConfig], x, x_mirror, y, folds) -> list[Scored]:
+        """Out-of-fold logits of every head: per fold, one standardization and a warm-started path
+        along the C grid (heads sharing augmentation and class weighting share the path)."""
+        n, k = len(y), int(folds.max()) + 1
+        logits = [torch.zeros(n, len(self.data.classes)) for _ in heads]
+        seconds = [0.0] * len(heads)
+        groups: dict[tuple, list[int]] = {}
+        for i, h in enumerate(heads):
+            groups.setdefault((h.augmentation, h.class_weighting, h.tta_flip), []).append(i)
+        for f in range(k):
+            self.control.progress({"phase": "auto search", "fold": f + 1, "folds": k, "candidates": len(heads)})
+            fit_rows, out_rows = folds != f, folds == f
+            for (augmentation, weighting, tta), members in groups.items():
+                t0 = time.perf_counter()
+                mirror = x_mirror[fit_rows] if augmentation == "light" else None
+                train_x, train_y = logistic.training_set(x[fit_rows], y[fit_rows], mirror)
+                path = logistic.LogisticPath(train_x, train_y, len(self.data.classes), weighting == "balanced")
+                for i in sorted(members, key=lambda i: heads[i].logistic_c):
+                    fit = path.fit(heads[i].logistic_c)
+                    logits[i][out_rows] = logistic.head_logits(fit, x[out_rows], x_mirror[out_rows] if tta else None)
+                    self.control.stop_if_asked()
+                share = (time.perf_counter() - t0) / len(members)
+                for i in members:
+                    seconds[i] += share
+        rows = torch.arange(n)
+        return [Scored(h, logits[i], rows, seconds[i], "out of fold") for i, h in enumerate(heads)]
+
+    def _cv_top(self, c: TrainConfig, acts, y, folds) -> Scored:
+        from workers.training.top import fit_top, top_logits
+        spec = get_backbone(c.backbone)
+        n, k = len(y), int(folds.max()) + 1
+        logits = torch.zeros(n, len(self.data.classes))
         t0 = time.perf_counter()
-        results.append((c, train_recipe(c, data, tuned, feature_dim, control, device, deadline=deadline),
-                        time.perf_counter() - t0))
-    if not results:
-        raise JobError("no_recipe", "strategy 'auto' found no recipe compatible with the options set on "
-                       "this job; choose a strategy explicitly")
-    best_config, best, _ = max(results, key=lambda r: _score(r[1]))
-    report = {
-        "chosen": best_config.model_dump(),
-        "budget_s": budget, "search_seconds": round(time.perf_counter() - started, 3),
-        "device": device_type, "selected_on": "val split: accuracy, then NLL after temperature scaling",
-        "skipped_for_time": skipped,
-        "candidates": [{"recipe": _describe(c), "val_accuracy": r.metrics["val_accuracy"],
-                        "val_loss": r.metrics["val_loss"], "epochs_run": r.metrics["epochs_run"],
-                        "stopped_by": r.metrics["stopped_by"],
-                        "seconds": round(s, 3)} for c, r, s in results],
-    }
-    control.progress({"phase": "auto chose", "auto_choice": _describe(best_config)})
-    seconds = time.perf_counter() - started
-    backbone_images = (cache.images if probes else 0) + sum(
-        r.metrics["train_images_per_s"] * r.metrics["train_seconds"] for c, r, _ in results
-        if c.strategy != "linear_probe" and r.metrics["train_images_per_s"])
-    metrics = {**best.metrics, "auto": report, "train_seconds": round(seconds, 3),
-               "train_images_per_s": round(backbone_images / seconds, 1) if seconds and backbone_images else None}
-    # Probes share `features`; a later candidate may have moved it: the winner goes back to CPU.
-    return TrainResult(best.classifier.to("cpu").float(), metrics, best.history, best_config.model_dump())
+        for f in range(k):
+            self.control.progress({"phase": "auto search", "trying": _describe(c), "fold": f + 1, "folds": k})
+            fit_idx, out_idx = torch.nonzero(folds != f).flatten(), torch.nonzero(folds == f).flatten()
+            model = fit_top(c, self.features, spec, acts, fit_idx, y[fit_idx], len(self.data.classes),
+                            _Quiet(self.control), self.device)
+            logits[out_idx] = top_logits(model, spec, acts.k, acts, out_idx, bool(c.tta_flip))
+        return Scored(c, logits, torch.arange(n), time.perf_counter() - t0, "out of fold")
+
+    def _holdout_fine_tunes(self, have_others: bool, seconds_left: float) -> list[Scored]:
+        """Fine-tuning candidates that fit the budget, trained on train and scored on val."""
+        planned = plan_fine_tuning(self.config, self.data, self.device_type, seconds_left)
+        if not have_others and not planned:  # e.g. cutmix or strong augmentation asked for: fine-tuning only
+            planned = plan_fine_tuning(self.config, self.data, self.device_type, max(seconds_left, 0), min_epochs=1)[:1]
+            planned = planned or [c.model_copy(update={"epochs": 1})
+                                  for c in plan_fine_tuning(self.config, self.data, self.device_type,
+                                                            float("inf"))[:1]]
+        if not planned:
+            return []
+        pristine = copy.deepcopy(self.features.state_dict())
+        out = []
+        for c in planned:
+            if time.perf_counter() > self.deadline and (out or have_others):
+                self.skipped.append(_describe(c))
+                continue
+            self.control.progress({"phase": "auto search", "trying": _describe(c)})
+            tuned = copy.deepcopy(self.features)
+            tuned.load_state_dict(pristine)
+            t0 = time.perf_counter()
+            result = train_recipe(c, self.data, tuned, self.feature_dim, self.control, self.device,
+                                  deadline=self.deadline)
+            val_logits = logits_of(result.classifier.to(self.device), self.data.val_x, self.data.preprocessing,
+                                   self.device, self.control, bool(c.tta_flip))
+            result.classifier.to("cpu")
+            self.backbone_images += int((result.metrics["train_images_per_s"] or 0) * result.metrics["train_seconds"])
+            out.append(Scored(c, val_logits, self.val_rows, time.perf_counter() - t0, "val", result))
+        return out
+
+    def _refit(self, c: TrainConfig, x, x_mirror, y, acts) -> Classifier:
+        """The winner trained on every labeled image."""
+        self.control.progress({"phase": "auto refit", "images": len(y), "trying": _describe(c)})
+        if c.strategy == "fine_tune_top":
+            from workers.training.top import fit_top
+            return fit_top(c, self.features, get_backbone(c.backbone), acts, torch.arange(len(y)), y,
+                           len(self.data.classes), _Quiet(self.control), self.device).to("cpu").float()
+        train_x, train_y = logistic.training_set(x, y, x_mirror if c.augmentation == "light" else None)
+        fit = logistic.fit_logistic(train_x, train_y, len(self.data.classes), c.logistic_c,
+                                    balanced=c.class_weighting == "balanced")
+        return logistic_classifier(self.features, self.feature_dim, fit, c)
+
+    # -- the user's own split: choose on val, train on train (or train + val with refit) -------------
+
+    def on_given_val(self) -> TrainResult:
+        config, data = self.config, self.data
+        heads = head_candidates(config, cross_validated=False)
+        scored: list[Scored] = []
+        cache = None
+        if heads:
+            if config.bn_mode == "adabn":
+                adapt_batchnorm(self.features, data.train_x, data.preprocessing, self.device, self.control)
+            cache = FeatureCache(self.features, data, self.device, self.control)
+            self.backbone_images += cache.images
+            for i, c in enumerate(heads, start=1):
+                self.control.progress({"phase": "auto search", "candidate": i, "candidates": len(heads),
+                                       "trying": _describe(c)})
+                t0 = time.perf_counter()
+                result = train_recipe(c, data, self.features, self.feature_dim, _Quiet(self.control), self.device,
+                                      cache)
+                scored.append(Scored(c, _head_val_logits(result.classifier, cache, c), self.val_rows,
+                                     time.perf_counter() - t0, "val", result))
+        seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads)
+        scored += self._holdout_fine_tunes(bool(heads), seconds_left)
+        if not scored:
+            raise _no_recipe()
+        target = data.val_y.cpu()
+        best = scored[selection.select([s.logits for s in scored], target)]
+        estimate = selection.bbc_estimate([s.logits for s in scored], target, config.seed)
+        estimate["folds"] = None
+        refit = bool(config.refit)
+        if refit:
+            classifier = self._refit_on_train_and_val(best, cache)
+            trained_on = {"images": len(data.train_y) + len(data.val_y), "splits": ["train", "val"]}
+        else:
+            classifier = best.result.classifier
+            trained_on = {"images": len(data.train_y), "splits": ["train"]}
+        metrics = self._metrics(classifier, best, target, estimate, trained_on)
+        report = self._report(best.config, scored, "the val split you gave")
+        if cache is not None:
+            metrics["features_reused"] = cache.reused
+        return self._result(classifier, metrics, report, best)
+
+    def _refit_on_train_and_val(self, best: Scored, cache: FeatureCache | None) -> Classifier:
+        c, data = best.config, self.data
+        self.control.progress({"phase": "auto refit", "trying": _describe(c)})
+        if c.solver == "lbfgs" and cache is not None:
+            y = torch.cat([data.train_y, data.val_y]).cpu()
+            x = torch.cat([cache.train, cache.val]).cpu()
+            mirror = torch.cat([cache.mirror("train"), cache.mirror("val")]).cpu() if c.augmentation == "light" else None
+            train_x, train_y = logistic.training_set(x, y, mirror)
+            fit = logistic.fit_logistic(train_x, train_y, len(data.classes), c.logistic_c,
+                                        balanced=c.class_weighting == "balanced")
+            return logistic_classifier(self.features, self.feature_dim, fit, c)
+        # Epoch-trained recipes: as many epochs as the winner's best, on train + val (no val left to
+        # stop on, so the last epoch is kept by scoring on the training images themselves).
+        pooled = dataclasses.replace(data, train_x=torch.cat([data.train_x, data.val_x]),
+                                     train_y=torch.cat([data.train_y, data.val_y]), source_key=None)
+        epochs = best.result.metrics["best_epoch"] or c.epochs
+        features = self.features
+        if c.strategy != "linear_probe":
+            features = copy.deepcopy(self.features)
+        return train_recipe(c.model_copy(update={"epochs": epochs}), pooled, features, self.feature_dim,
+                            _Quiet(self.control), self.device).classifier
+
+    # -- what the model reports ------------------------------------------------------------------
+
+    def _metrics(self, classifier: Classifier, best: Scored, target: torch.Tensor, estimate: dict,
+                 trained_on: dict) -> dict:
+        """Per-class metrics and calibration from the winner's out-of-sample logits; the headline
+        accuracy from the selection-corrected estimate."""
+        logits = best.logits.float().cpu()
+        temperature = fit_temperature(logits, target)
+        classifier.temperature = temperature
+        classifier.tta_flip = bool(best.config.tta_flip)
+        metrics = classification_metrics(target, torch.softmax(logits / temperature, dim=1), self.data.classes)
+        out_of = best.scored_on
+        metrics["calibration"] = {
+            "method": f"temperature scaling, fitted on the {out_of} predictions", "temperature": round(temperature, 6),
+            "ece_before": round(expected_calibration_error(torch.softmax(logits, dim=1), target), 6),
+            "ece_after": metrics["ece"], "nll_before": round(nll(logits, target), 6),
+            "nll_after": metrics["val_loss"], "bins": ECE_BINS,
+        }
+        metrics["selection_accuracy"] = metrics["val_accuracy"]  # the winner's own score: optimistic
+        metrics["val_accuracy"] = estimate["accuracy"]
+        metrics["estimate"] = {**estimate, "predictions": out_of}
+        metrics["trained_on"] = trained_on
+        metrics["num_train_images"] = trained_on["images"]
+        history = best.result.metrics if best.result else {}
+        metrics.update(best_epoch=history.get("best_epoch"), epochs_run=history.get("epochs_run", 1),
+                       stopped_early=history.get("stopped_early", False), stopped_by=history.get("stopped_by"))
+        return metrics
+
+    def _report(self, chosen: TrainConfig, scored: list[Scored], selected_on: str) -> dict:
+        def entry(s: Scored) -> dict:
+            acc, neg_nll = selection.score(s.logits, self.y[s.rows])
+            return {"recipe": _describe(s.config), "val_accuracy": round(acc, 6), "val_loss": round(-neg_nll, 6),
+                    "scored_on": s.scored_on, "images": len(s.rows), "seconds": round(s.seconds, 3)}
+        return {"chosen": chosen.model_dump(), "budget_s": self.budget,
+                "search_seconds": round(time.perf_counter() - self.started, 3), "device": self.device_type,
+                "selected_on": selected_on + "; accuracy, then NLL", "skipped_for_time": self.skipped,
+                "candidates": [entry(s) for s in scored]}
+
+    def _result(self, classifier: Classifier, metrics: dict, report: dict, best: Scored) -> TrainResult:
+        self.control.progress({"phase": "auto chose", "auto_choice": _describe(best.config)})
+        seconds = time.perf_counter() - self.started
+        metrics.update(auto=report, train_seconds=round(seconds, 3),
+                       train_images_per_s=round(self.backbone_images / seconds, 1)
+                       if seconds and self.backbone_images else None)
+        history = best.result.history if best.result else []
+        # Probes share `features`; a later candidate may have moved it: the winner goes back to CPU.
+        return TrainResult(classifier.to("cpu").float(), metrics, history, best.config.model_dump())
+
+
+def logistic_classifier(features: nn.Module, feature_dim: int, fit: logistic.LinearMap, c: TrainConfig) -> Classifier:
+    """A Classifier whose linear head is the fitted logistic regression (the backbone shared, as a
+    linear probe's)."""
+    classifier = Classifier(features, feature_dim, fit.weight.shape[0], head="linear")
+    fit.load_into(classifier.head)
+    for p in classifier.features.parameters():
+        p.requires_grad_(False)
+    classifier.tta_flip = bool(c.tta_flip)
+    return classifier.eval()
+
+
+@torch.no_grad()
+def _head_val_logits(classifier: Classifier, cache: FeatureCache, c: TrainConfig) -> torch.Tensor:
+    """A head's val logits as train_recipe scored them (mirror-averaged when tta_flip)."""
+    head = classifier.to(cache.val.device)
+    logits = head.head_logits(cache.val).float()
+    if c.tta_flip:
+        logits = (logits + head.head_logits(cache.mirror("val")).float()) / 2
+    classifier.to("cpu")
+    return logits.cpu()
+
+
+def _no_recipe() -> JobError:
+    return JobError("no_recipe", "strategy 'auto' found no recipe compatible with the options set on this job; "
+                    "choose a strategy explicitly")
 
 
 def _describe(c: TrainConfig) -> dict:
-    keys = ("strategy", "head", "learning_rate", "augmentation", "tta_flip", "dropout", "epochs",
-            "unfreeze_stages")
-    return {k: getattr(c, k) for k in keys if getattr(c, k) is not None}
+    keys = ("strategy", "head", "solver", "logistic_c", "learning_rate", "augmentation", "tta_flip", "dropout",
+            "epochs", "unfreeze_stages")
+    out = {k: getattr(c, k) for k in keys if getattr(c, k) is not None}
+    if c.solver == "lbfgs":  # no epochs or rate: one deterministic fit
+        out.pop("epochs", None)
+        out.pop("learning_rate", None)
+    return out
 
 
 class _Quiet(NullControl):
-    """Per-epoch progress of each probe would flood the job's progress; pass stop requests only."""
+    """Per-epoch progress of each candidate would flood the job's progress; pass stop requests only."""
 
     def __init__(self, control: Control):
         self.control = control

@@ -1,6 +1,7 @@
 """What a training run takes and gives back: the control it answers to, its data, its result."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,6 +56,12 @@ class PreparedData:
     # What these pixels and this train/val split are (workers.data: the images' sha256s, decoding
     # and split); None for data made another way. Features are reused across jobs only with one.
     source_key: str | None = None
+    # True when the user gave the val split; False when Graft held it out of the labeled images,
+    # so a search may cross-validate over train + val and refit on all of them.
+    val_given: bool = True
+    # The user's test split: never trained or selected on, scored apart (None: there is none).
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
 
     def on(self, device: torch.device, share_of_free: float = 0.25) -> PreparedData:
         """The images moved to a GPU when they take at most `share_of_free` of its free memory, so
@@ -65,8 +72,7 @@ class PreparedData:
         free, _ = torch.cuda.mem_get_info(device)
         if self.train_x.nbytes + self.val_x.nbytes > share_of_free * free:
             return self
-        return PreparedData(self.classes, self.preprocessing, self.train_x.to(device), self.train_y,
-                            self.val_x.to(device), self.val_y, self.source_key)
+        return dataclasses.replace(self, train_x=self.train_x.to(device), val_x=self.val_x.to(device))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F_nn
 
-from workers.artifacts import Classifier
+from workers.artifacts import Classifier, calibrated_probabilities, mirror_averaged
 from workers.backbones import Preprocessing
 from workers.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
 from workers.config import TrainConfig
@@ -65,10 +65,10 @@ def features_of(features: nn.Module, x_u8: torch.Tensor, pre: Preprocessing, dev
 def logits_of(classifier: Classifier, x_u8, pre, device, control, tta_flip: bool = False) -> torch.Tensor:
     crops = eval_crop(x_u8, pre)
     logits = classifier.head_logits(features_of(classifier.features, crops, pre, device, control)).float()
+    mirrored = None
     if tta_flip:
-        mirrored = features_of(classifier.features, crops.flip(-1), pre, device, control)
-        logits = (logits + classifier.head_logits(mirrored).float()) / 2
-    return logits.cpu()
+        mirrored = classifier.head_logits(features_of(classifier.features, crops.flip(-1), pre, device, control)).float()
+    return mirror_averaged(logits, mirrored).cpu()
 
 
 # --- BatchNorm policy -------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def calibrate_and_score(classifier: Classifier, val_logits: torch.Tensor, val_y:
     temperature = fit_temperature(val_logits, val_y)
     classifier.temperature = temperature
     before = torch.softmax(val_logits, dim=1)
-    metrics = classification_metrics(val_y, torch.softmax(val_logits / temperature, dim=1), classes)
+    metrics = classification_metrics(val_y, calibrated_probabilities(val_logits, temperature), classes)
     metrics["calibration"] = {
         "method": "temperature scaling, fitted on val", "temperature": round(temperature, 6),
         "ece_before": round(expected_calibration_error(before, val_y), 6),

@@ -7,11 +7,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from workers.artifacts import Classifier, backbone_fingerprint
+from workers.artifacts import Classifier, backbone_fingerprint, mirror_averaged
 from workers.backbones import freeze_for_cpu
 from workers.config import TrainConfig
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, to_device
 from workers.training.contract import Control, PreparedData
+from workers.training import logistic
 from workers.training.parts import (EarlyStopping, epoch_report, features_of, make_criterion, make_scheduler,
                                     param_groups, steps_per_epoch, train_batches)
 
@@ -125,6 +126,8 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
     """Train `classifier.head` on cached features; returns history, best-epoch val logits, images seen."""
     for p in classifier.features.parameters():
         p.requires_grad_(False)
+    if config.solver == "lbfgs":
+        return fit_logistic_head(config, classifier, cache, train_y, val_y, control)
     device = cache.train.device
     train_f, train_y = cache.train, train_y.to(device)
     if config.augmentation == "light":  # the probe's augmentation: each image's mirror
@@ -133,10 +136,8 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
 
     def val_logits() -> torch.Tensor:
         with torch.no_grad():
-            logits = classifier.head_logits(val_f).float()
-            if val_f_mirror is not None:
-                logits = (logits + classifier.head_logits(val_f_mirror).float()) / 2
-        return logits.cpu()
+            mirrored = classifier.head_logits(val_f_mirror).float() if val_f_mirror is not None else None
+            return mirror_averaged(classifier.head_logits(val_f).float(), mirrored).cpu()
 
     head = nn.ModuleDict({"dropout": classifier.input_dropout, "head": classifier.head})
     opt = torch.optim.AdamW(param_groups(head, config.weight_decay, config.learning_rate))
@@ -177,6 +178,27 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
     classifier.eval()
     # Images/s counts the backbone passes, which dominate the cost.
     return history, val_logits(), cache.images
+
+
+def fit_logistic_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, train_y: torch.Tensor,
+                      val_y: torch.Tensor, control: Control) -> tuple[list[dict], torch.Tensor, int]:
+    """solver "lbfgs": logistic regression (workers/training/logistic.py) fitted once, folded into the
+    linear head; its history is that one fit, scored on val."""
+    control.progress({"phase": "training", "solver": "lbfgs"})
+    mirror = cache.mirror("train").cpu() if config.augmentation == "light" else None
+    x, y = logistic.training_set(cache.train.cpu(), train_y.cpu(), mirror)
+    fit = logistic.fit_logistic(x, y, num_classes_of(classifier), config.logistic_c,
+                                balanced=config.class_weighting == "balanced")
+    fit.load_into(classifier.head)
+    classifier.eval()
+    train_loss = float(torch.nn.functional.cross_entropy(logistic.head_logits(fit, x, None), y))
+    with torch.no_grad():  # the served arithmetic: the float32 head, mirror-averaged when tta_flip
+        val_logits = classifier.head_logits(cache.val).float()
+        if config.tta_flip:
+            val_logits = (val_logits + classifier.head_logits(cache.mirror("val")).float()) / 2
+    val_logits = val_logits.cpu()
+    control.stop_if_asked()
+    return [epoch_report(1, 1, train_loss, val_logits, val_y, 0.0)], val_logits, cache.images
 
 
 def num_classes_of(classifier: Classifier) -> int:

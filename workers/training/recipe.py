@@ -13,6 +13,7 @@ from workers.training.contract import Control, PreparedData, TrainResult
 from workers.training.finetune import fine_tune
 from workers.training.parts import adapt_batchnorm, best_report, calibrate_and_score, logits_of
 from workers.training.probe import FeatureCache, fit_head
+from workers.training.top import fine_tune_top
 
 
 def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
@@ -37,6 +38,8 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
             cache.mirror("val")
         with single_thread(device):
             history, val_logits, seen = fit_head(config, classifier, cache, data.train_y, data.val_y, control)
+    elif config.strategy == "fine_tune_top":  # its own classifier, on a copy of `features`
+        classifier, history, val_logits, seen = fine_tune_top(config, data, features, control, device, deadline)
     else:
         history, seen = fine_tune(config, data, classifier, control, device, deadline, checkpoints)
         classifier.eval()

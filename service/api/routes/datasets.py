@@ -14,7 +14,7 @@ from service.store.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
 
 
 def dataset_out(session, dataset: Dataset, settings) -> DatasetOut:

@@ -1,24 +1,26 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from service.serving.exports import ExportFormat
 from service.api.auth import TrainCaller
+from service.api.deps import DatabaseDep, ExporterDep
 from service.datasets.catalog import ready_model, stored_model_errors
+from service.enums import ExportFormat
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("/{model_id}/export", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {}},
+            responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "a zip: the model file, manifest.json and USAGE.md"}})
-def export_model(model_id: str, request: Request, caller: TrainCaller,
-                 format: Annotated[ExportFormat, Query(description="onnx | safetensors | torchscript")] = "onnx"):
+def export_model(model_id: str, db: DatabaseDep, exporter: ExporterDep, caller: TrainCaller,
+                 format: Annotated[ExportFormat, Query(description="onnx | safetensors | torchscript")]
+                 = ExportFormat.onnx):
     """The model as ONNX, safetensors or TorchScript, with its preprocessing manifest, as a zip."""
     # A short transaction: an export can take seconds, and on SQLite every transaction holds the lock.
-    with request.app.state.db.session() as session:
+    with db.session() as session:
         row = ready_model(session, model_id, caller.project_id)
     with stored_model_errors(row.id):
-        path = request.app.state.exporter.export(row, format)
+        path = exporter.export(row, format)
     return FileResponse(path, media_type="application/zip", filename=f"graft-{row.id}-{format}.zip")

@@ -1,8 +1,8 @@
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from sqlalchemy import text
 
 from service.api.auth import auth_is_open
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -11,9 +11,9 @@ OPEN_WARNING = ("Graft is running WITHOUT API keys: anyone who can reach this ad
 
 
 @router.get("/healthz")
-def healthz(request: Request, session: SessionDep) -> dict:
+def healthz(session: SessionDep, settings: SettingsDep) -> dict:
     """Liveness and database reachability; says so when the API runs without keys."""
     session.execute(text("SELECT 1"))
-    if auth_is_open(request.app.state.settings):
+    if auth_is_open(settings):
         return {"status": "ok", "auth": "open", "warning": OPEN_WARNING}
     return {"status": "ok", "auth": "required"}

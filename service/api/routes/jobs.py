@@ -2,19 +2,18 @@ import json
 import time
 from typing import Annotated, Iterator
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from service.api import quotas
 from service.api.auth import TrainCaller
-from service.datasets.catalog import dataset_for_job, get_or_404
+from service.datasets.catalog import dataset_for_job, job_or_404
 from service.store.db import Database
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import DatabaseDep, SessionDep, SettingsDep
 from service.errors import Conflict
-from service.store.queue import TERMINAL, JobQueue
-from service.api.schemas import JobCreate, JobEventOut, JobOut, JobStatus
-from service.store.tables import Job
+from service.enums import TERMINAL, JobStatus
+from service.store.queue import JobQueue
+from service.api.schemas import JobCreate, JobEventOut, JobOut
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -36,22 +35,19 @@ def list_jobs(caller: TrainCaller, session: SessionDep, status: JobStatus | None
               limit: Annotated[int, Query(ge=1, le=500)] = 100,
               offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> list[JobOut]:
     """Jobs, newest first, optionally of one status."""
-    query = (select(Job).where(Job.project_id == caller.project_id)
-             .order_by(Job.created_at.desc()).limit(limit).offset(offset))
-    if status:
-        query = query.where(Job.status == status)
-    return [JobOut.of(j) for j in session.scalars(query)]
+    return [JobOut.of(j) for j in JobQueue.list_jobs(session, caller.project_id, status=status, limit=limit,
+                                                     offset=offset)]
 
 
 @router.get("/{job_id}")
 def get_job(job_id: str, caller: TrainCaller, session: SessionDep) -> JobOut:
-    return JobOut.of(get_or_404(session, Job, job_id, "job", caller.project_id))
+    return JobOut.of(job_or_404(session, job_id, caller.project_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202)
 def cancel_job(job_id: str, caller: TrainCaller, session: SessionDep) -> JobOut:
     """Cancel a queued job at once, or stop a running one at its next training step."""
-    job = get_or_404(session, Job, job_id, "job", caller.project_id)
+    job = job_or_404(session, job_id, caller.project_id)
     if job.status in TERMINAL:
         raise Conflict(f"job {job_id} has already {job.status}; only queued or running jobs can be cancelled")
     JobQueue.request_cancel(session, job)
@@ -66,7 +62,7 @@ SSE_MAX_S = 3600.0  # then the client reconnects with Last-Event-ID
 
 @router.get("/{job_id}/events", response_model=list[JobEventOut],
             responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job_id: str, request: Request, caller: TrainCaller,
+def job_events(job_id: str, db: DatabaseDep, caller: TrainCaller,
                after_id: Annotated[int, Query(ge=0, description="only events after this id")] = 0,
                accept: Annotated[str, Header()] = "application/json",
                last_event_id: Annotated[int | None, Header(ge=0)] = None):
@@ -77,13 +73,12 @@ def job_events(job_id: str, request: Request, caller: TrainCaller,
     """
     # Short transactions of its own, not the request's session: that one would stay open for the
     # whole stream and, on SQLite, hold the write lock.
-    db: Database = request.app.state.db
     with db.session() as session:
-        get_or_404(session, Job, job_id, "job", caller.project_id)
+        job_or_404(session, job_id, caller.project_id)
         if "text/event-stream" not in accept:
             return [JobEventOut.model_validate(e) for e in JobQueue.events(session, job_id, after_id)]
     start = last_event_id if last_event_id is not None else after_id
-    return StreamingResponse(_event_stream(request.app.state.db, job_id, start), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(db, job_id, start), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -92,7 +87,7 @@ def _event_stream(db: Database, job_id: str, after_id: int) -> Iterator[str]:
     while time.monotonic() - started < SSE_MAX_S:
         with db.session() as s:
             events = [JobEventOut.model_validate(e) for e in JobQueue.events(s, job_id, after_id)]
-            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            status = JobQueue.status_of(s, job_id)
         for e in events:
             after_id = e.id
             yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps({**e.data, 'created_at': e.created_at.isoformat()})}\n\n"

@@ -1,0 +1,141 @@
+"""auto's selection: folds, the selection-corrected estimate, the logistic head, and what trains."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from tests.support.training import SPEC, Recorder, one_thread, tiny_data  # noqa: F401
+from workers.artifacts import Classifier
+from workers.config import TrainConfig
+from workers.training import logistic, selection, train
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- folds ----------------------------------------------------------------------------------------
+
+def test_folds_are_stratified_and_the_same_for_the_same_seed():
+    y = torch.tensor([0] * 23 + [1] * 7 + [2] * 11)
+    k = selection.fold_count(y)
+    assert k == 5
+    folds = selection.stratified_folds(y, k, seed=3)
+    for c in range(3):  # each class spread evenly: fold counts differ by at most one
+        counts = torch.bincount(folds[y == c], minlength=k)
+        assert int(counts.max() - counts.min()) <= 1
+    sizes = torch.bincount(folds, minlength=k)
+    assert int(sizes.max() - sizes.min()) <= 1
+    assert torch.equal(folds, selection.stratified_folds(y, k, seed=3))
+    assert not torch.equal(folds, selection.stratified_folds(y, k, seed=4))
+
+
+def test_fold_count_is_limited_by_the_smallest_class_and_never_below_two():
+    assert selection.fold_count(torch.tensor([0] * 50 + [1] * 3)) == 3
+    assert selection.fold_count(torch.tensor([0] * 50 + [1])) == 2
+    assert selection.fold_count(torch.tensor([0] * 50 + [1] * 50)) == 5
+
+
+# --- the estimate -----------------------------------------------------------------------------------
+
+def _logits_from_correctness(correct: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+    pred = torch.where(correct, y, (y + 1) % classes)
+    return torch.nn.functional.one_hot(pred, classes).float() * 4
+
+
+def test_the_95_interval_covers_the_chosen_candidates_true_accuracy():
+    """Simulated datasets of 150 images, five candidates of known accuracy (0.80-0.86): the
+    candidate picked on each draw has a known true accuracy, which the interval must cover in
+    about 95% of the draws; and the estimate is less optimistic than the winner's own score."""
+    truth = torch.tensor([0.80, 0.83, 0.85, 0.86, 0.84])
+    gen = torch.Generator().manual_seed(0)
+    covered, optimism_raw, optimism_bbc, draws = 0, 0.0, 0.0, 100
+    for draw in range(draws):
+        y = torch.randint(3, (150,), generator=gen)
+        correct = torch.rand(len(truth), 150, generator=gen) < truth[:, None]
+        logits = [_logits_from_correctness(c, y, 3) for c in correct]
+        chosen = selection.select(logits, y)
+        est = selection.bbc_estimate(logits, y, seed=draw)
+        lo, hi = est["ci95"]
+        covered += lo <= float(truth[chosen]) <= hi
+        optimism_raw += selection.score(logits[chosen], y)[0] - float(truth[chosen])
+        optimism_bbc += est["accuracy"] - float(truth[chosen])
+    assert covered / draws >= 0.88
+    assert abs(optimism_bbc) < optimism_raw  # the raw winner's score is biased up; BBC much less
+
+
+# --- the logistic head ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_the_logistic_head_in_torch_predicts_what_scikit_learn_predicts(classes):
+    gen = torch.Generator().manual_seed(classes)
+    x = torch.randn(120, 16, generator=gen) * 3 + 5  # unstandardized: the folding must undo it
+    y = torch.arange(120) % classes
+    x[torch.arange(120), y] += 2.0
+    fit = logistic.fit_logistic(x, y, classes, c=0.3)
+    classifier = Classifier(torch.nn.Identity(), 16, classes)
+    fit.load_into(classifier.head)
+    mean, std = x.double().mean(0), x.double().std(0, unbiased=False)
+    reference = LogisticRegression(C=0.3, max_iter=500, tol=logistic.TOL).fit(((x.double() - mean) / std).numpy(),
+                                                                              y.numpy())
+    probe = torch.randn(300, 16, generator=gen) * 3 + 5
+    expected = reference.predict_proba(((probe.double() - mean) / std).numpy())
+    with torch.no_grad():
+        ours = torch.softmax(classifier.head_logits(probe).double(), 1).numpy()
+    assert (ours.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(ours - expected).max() < 1e-4
+
+
+# --- auto on Graft's own split: cross-validate, then refit on everything ----------------------------
+
+@pytest.fixture(scope="module")
+def unsplit():
+    """A dozen photos plus six Graft held out itself, and a test split that must never be read."""
+    data = tiny_data()
+    poison = torch.full((4, *data.train_x.shape[1:]), 255, dtype=torch.uint8)
+    return dataclasses.replace(data, val_given=False, test_x=poison, test_y=torch.tensor([0, 1, 0, 1]))
+
+
+def test_auto_cross_validates_on_every_labeled_image_and_refits_on_all_of_them(unsplit, monkeypatch):
+    fitted_rows: list[int] = []
+    selected_on: list[int] = []
+    real_path, real_select = logistic.LogisticPath.__init__, selection.select
+
+    def counting_path(self, x, y, *a, **kw):
+        fitted_rows.append(len(y))
+        real_path(self, x, y, *a, **kw)
+
+    def recording_select(logits, y):
+        selected_on.append(len(y))
+        return real_select(logits, y)
+
+    monkeypatch.setattr(logistic.LogisticPath, "__init__", counting_path)
+    monkeypatch.setattr(selection, "select", recording_select)
+    config = TrainConfig(image_size=64, seed=7, time_budget_s=10)  # heads only: no time to fine-tune
+    result = train(config, unsplit, SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU)
+    labeled = len(unsplit.train_y) + len(unsplit.val_y)
+    k = selection.fold_count(torch.cat([unsplit.train_y, unsplit.val_y]))
+    # k folds, each fitted on the other folds' images and their mirrors; then the refit on all
+    assert fitted_rows[-1] == 2 * labeled and len(fitted_rows) == k + 1
+    assert sum(fitted_rows[:-1]) == 2 * labeled * (k - 1)
+    assert selected_on == [labeled]  # the selector saw the labeled images, never the test split
+    m = result.metrics
+    assert m["trained_on"] == {"images": labeled, "splits": ["train", "val"]}
+    assert m["estimate"]["folds"] == k and m["val_accuracy"] == m["estimate"]["accuracy"]
+    lo, hi = m["estimate"]["ci95"]
+    assert lo <= m["val_accuracy"] <= hi
+    assert m["num_val_images"] == labeled  # per-class metrics from every image's out-of-fold prediction
+    assert sum(sum(row) for row in m["confusion_matrix"]["matrix"]) == labeled
+    assert result.classifier.temperature == pytest.approx(m["calibration"]["temperature"], abs=1e-6)
+    assert result.recipe["solver"] == "lbfgs" and result.recipe["logistic_c"] in logistic.C_GRID
+
+    # The model is the chosen recipe, run explicitly on all the labeled images.
+    everything = dataclasses.replace(unsplit, train_x=torch.cat([unsplit.train_x, unsplit.val_x]),
+                                     train_y=torch.cat([unsplit.train_y, unsplit.val_y]), val_given=True)
+    again = train(TrainConfig.model_validate(result.recipe), everything, SPEC.build_features(pretrained=True),
+                  SPEC.feature_dim, Recorder(), CPU)
+    assert torch.allclose(again.classifier.head.weight, result.classifier.head.weight, atol=1e-4)
+    assert torch.allclose(again.classifier.head.bias, result.classifier.head.bias, atol=1e-4)

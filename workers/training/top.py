@@ -1,0 +1,356 @@
+"""fine_tune_top: the last k stages and the head, trained on cached activations.
+
+The frozen bottom of a network whose top is fine-tuned (its BatchNorm in eval mode, as in partial)
+computes the same thing for an image in every epoch. So it runs once: `StageActivations` holds the input of the last k stages for
+each image's eval crop and for its mirror (fp16, on the host), and the top trains on that, each
+epoch showing each image once, as itself or its mirror at random. On a 2-core CPU this turns a
+fine-tune that takes hours into one of about two minutes (Lite0, k=2, bloodcells: docs/benchmarks.md).
+The same cache gives the probe's features (`pooled`), so a search pays for one bottom pass.
+
+The top runs the backbone's own modules from the cut on (a layout per architecture family: timm's
+EfficientNets, torchvision's ResNets), so what `fit_top` returns is the ordinary Classifier — the
+full network, its bottom bit-identical to pretrained — stored and served like a fine_tune model.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision.models as tvm
+from timm.models.efficientnet import EfficientNet
+from torch import nn
+
+from workers.artifacts import Classifier
+from workers.backbones import (_RESNET_STAGES, BACKBONES, BackboneSpec, Preprocessing, freeze_for_cpu,
+                                get_backbone)
+from workers.config import TrainConfig
+from workers.device import autocast, inference_batch_size
+from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, to_device
+from workers.training.contract import Control, PreparedData
+from workers.training.finetune import stage_param_groups
+from workers.training.parts import (EarlyStopping, _batchnorms, epoch_report, l2sp_penalty, make_criterion,
+                                    make_scheduler, set_train_modes, steps_per_epoch, train_batches)
+
+# The stage groups (workers/backbones.py) of the families whose forward is their stages in order,
+# then pooling: timm's EfficientNets (Lite0, and any Lite with the same module names) and ResNets.
+_EFFICIENTNET_STAGES = ("conv_stem bn1", "blocks.*", "conv_head bn2")
+TOP_BATCH = 64  # the top's inference batches (pooled, logits, AdaBN)
+PROGRESS_EVERY_S = 1.0
+TRACE_FROM_IMAGES = 64  # tracing Lite0's bottom costs about what 30-60 eager images do
+
+
+def supports_top_tuning(spec: BackboneSpec) -> bool:
+    """True when the backbone's forward splits cleanly between any two stages."""
+    if spec.tv_weights is None:  # timm
+        return spec.stage_groups == _EFFICIENTNET_STAGES
+    return spec.stage_groups == _RESNET_STAGES and spec.head == "fc"
+
+
+# --- the forward, cut between stages --------------------------------------------------------------
+
+def _stage_modules(features: nn.Module, spec: BackboneSpec) -> tuple[list[list[nn.Module]], Callable]:
+    """The modules each stage runs, in order, and the tail that pools the last stage's output into
+    features; checked against `spec.stages` so a stage here is a stage there."""
+    f = features
+    if isinstance(f, EfficientNet) and supports_top_tuning(spec):
+        stages = [[f.conv_stem, f.bn1], *([b] for b in f.blocks), [f.conv_head, f.bn2]]
+
+        def tail(x):  # global pool, flatten, dropout when the model has any; the classifier is gone
+            return f.forward_head(x, pre_logits=True)
+    elif isinstance(f, tvm.ResNet) and supports_top_tuning(spec):
+        stages = [[f.conv1, f.bn1, f.relu, f.maxpool], [f.layer1], [f.layer2], [f.layer3], [f.layer4]]
+
+        def tail(x):
+            return torch.flatten(f.avgpool(x), 1)
+    else:
+        raise ValueError(f"backbone {spec.name!r} cannot be cut between stages; fine_tune_top supports "
+                         f"{', '.join(n for n, s in BACKBONES.items() if supports_top_tuning(s))}")
+    theirs = spec.stages(features)
+    if len(theirs) != len(stages) or any({id(p) for m in mine for p in m.parameters()} != {id(p) for p in t.parameters()}
+                                         for mine, t in zip(stages, theirs)):
+        raise ValueError(f"backbone {spec.name!r}: its stages do not match the {type(f).__name__} layout")
+    return stages, tail
+
+
+def _cut(features: nn.Module, spec: BackboneSpec, k: int) -> tuple[int, list[list[nn.Module]], Callable]:
+    stages, tail = _stage_modules(features, spec)
+    k = min(max(int(k), 1), len(stages))  # more than the backbone has means all, as for partial
+    return k, stages, tail
+
+
+def bottom_of(features: nn.Module, spec: BackboneSpec, k: int) -> nn.Module:
+    """Images -> the input of the last k stages (modules shared with `features`)."""
+    k, stages, _ = _cut(features, spec, k)
+    return nn.Sequential(*(m for stage in stages[:len(stages) - k] for m in stage))
+
+
+class _Top(nn.Module):
+    def __init__(self, body: nn.Sequential, tail: Callable):
+        super().__init__()
+        self.body, self._tail = body, tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tail(self.body(x))
+
+
+def top_of(features: nn.Module, spec: BackboneSpec, k: int) -> nn.Module:
+    """The input of the last k stages -> pooled features (modules shared with `features`)."""
+    k, stages, tail = _cut(features, spec, k)
+    return _Top(nn.Sequential(*(m for stage in stages[len(stages) - k:] for m in stage)), tail)
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+@dataclass
+class StageActivations:
+    """Inputs of the last k stages of a frozen backbone for each image's eval crop and its mirror
+    (fp16, channels_last, on the host)."""
+
+    acts: torch.Tensor  # [N, C, H, W] float16
+    acts_mirror: torch.Tensor  # the same for each image's mirror
+    spec: BackboneSpec
+    k: int  # stages above the cut (clamped to the backbone's)
+    seconds: float = 0.0  # the bottom passes took this long
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, features: nn.Module, spec: BackboneSpec, x_u8: torch.Tensor, pre: Preprocessing, k: int,
+                device: torch.device, control: Control) -> StageActivations:
+        """Bottom forward in eval mode over uint8 squares [N, 3, S, S] (eval crop; and its mirror)."""
+        started = time.perf_counter()
+        features.eval()
+        k = _cut(features, spec, k)[0]
+        bottom = _runner(bottom_of(features, spec, k), pre, device, len(x_u8))
+        n, acts, mirror = len(x_u8), None, None
+        reported = 0.0
+        for idx in _batches(n, inference_batch_size(device)):
+            crops = eval_crop(x_u8[to_device(idx, x_u8.device)], pre).to(device)
+            with autocast(device):
+                a, m = bottom(normalize(crops, pre)), bottom(normalize(crops.flip(-1), pre))
+            if acts is None:
+                acts, mirror = (torch.empty((n, *a.shape[1:]), dtype=torch.float16,
+                                            memory_format=torch.channels_last) for _ in range(2))
+            acts[idx], mirror[idx] = a.to("cpu", torch.float16), m.to("cpu", torch.float16)
+            control.stop_if_asked()
+            if time.perf_counter() - reported >= PROGRESS_EVERY_S or idx[-1] == n - 1:
+                reported = time.perf_counter()
+                control.progress({"phase": "caching activations", "done": int(idx[-1]) + 1, "total": n})
+        if acts is None:
+            raise ValueError("no images to cache activations of")
+        return cls(acts, mirror, spec, k, time.perf_counter() - started)
+
+    def cat(self, other: StageActivations) -> StageActivations:
+        """These images, then the other's (same backbone and cut)."""
+        if (other.spec.name, other.k) != (self.spec.name, self.k):
+            raise ValueError("activations of different backbones or cuts cannot be joined")
+        return StageActivations(torch.cat([self.acts, other.acts]), torch.cat([self.acts_mirror, other.acts_mirror]),
+                                self.spec, self.k, self.seconds + other.seconds)
+
+    def batch(self, rows: torch.Tensor, device: torch.device, mirrored: torch.Tensor | bool = False) -> torch.Tensor:
+        """float32 activations of `rows` on `device`: the mirrors' when `mirrored` is True, or where
+        it is, per row."""
+        if isinstance(mirrored, bool):
+            x = (self.acts_mirror if mirrored else self.acts)[rows]
+        else:
+            x = torch.where(mirrored.view(-1, 1, 1, 1), self.acts_mirror[rows], self.acts[rows])
+        return x.to(device).float().contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def pooled(self, features: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen top run over the cache: pooled features [N, D] (float32, host) of the images and
+        of their mirrors — the probe's features, from the same bottom pass."""
+        features.eval()
+        top = top_of(features, self.spec, self.k)
+        device = next(features.parameters()).device
+        return tuple(torch.cat([top(self.batch(rows, device, mirrored)).float().cpu()
+                                for rows in _batches(len(self.acts), TOP_BATCH)])
+                     for mirrored in (False, True))  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.acts)
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield torch.arange(start, min(start + size, n))
+
+
+def _runner(bottom: nn.Module, pre: Preprocessing, device: torch.device, images: int) -> nn.Module:
+    """On a CPU the bottom traced and frozen (BatchNorm folded, one GIL-free call), when that works
+    and there are images enough to repay the trace."""
+    if device.type != "cpu" or len(bottom) == 0 or images < TRACE_FROM_IMAGES:
+        return bottom
+    return freeze_for_cpu(bottom, pre.input_size) or bottom
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def fit_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts: StageActivations,
+            idx: torch.Tensor, y: torch.Tensor, num_classes: int, control: Control,
+            device: torch.device) -> Classifier:
+    """Train the last config.unfreeze_stages stages (at most acts.k) and a head on acts[idx] (labels
+    y, aligned with idx) for all config.epochs. Returns a Classifier on a deep copy of `features`
+    whose other parameters and buffers are bit-identical; `features` is never modified."""
+    return train_top(config, features, spec, acts, idx, y, num_classes, control, device)[0]
+
+
+def train_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts: StageActivations,
+              idx: torch.Tensor, y: torch.Tensor, num_classes: int, control: Control, device: torch.device,
+              val_idx: torch.Tensor | None = None, val_y: torch.Tensor | None = None,
+              deadline: float | None = None) -> tuple[Classifier, list[dict], int]:
+    """`fit_top`, with early stopping on (val_idx, val_y) when given (the best epoch by
+    config.monitor is kept) and a `deadline` (time.perf_counter()) after which no epoch starts.
+    Returns the classifier, the epoch history and the images trained on. Deterministic for
+    config.seed; torch's global RNG is left as it was."""
+    trained = min(config.unfreeze_stages or acts.k, acts.k)
+    if config.unfreeze_stages and config.unfreeze_stages > acts.k and acts.k < len(spec.stages(features)):
+        raise ValueError(f"activations cut {acts.k} stages from the output cannot train {config.unfreeze_stages}")
+    idx, y = idx.cpu(), y.cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the head's initialisation, dropout and MixUp coefficients
+        classifier = Classifier(copy.deepcopy(features), spec.feature_dim, num_classes, head=config.head or "linear",
+                                hidden_dim=config.hidden_dim, dropout=config.dropout or 0.0)
+        classifier.tta_flip = bool(config.tta_flip)
+        classifier.to(device, memory_format=torch.channels_last)
+        history, seen = _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, control, device,
+                                    val_idx, val_y, deadline)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    return classifier.eval(), history, seen
+
+
+def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, control, device, val_idx, val_y,
+                deadline) -> tuple[list[dict], int]:
+    stages = spec.stages(classifier.features)
+    for p in classifier.features.parameters():
+        p.requires_grad_(False)
+    groups, backbone_params = stage_param_groups(classifier, stages, trained, config)
+    reference = [p.detach().clone() for p in backbone_params] if config.l2sp else []
+    opt = torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type == "cuda")
+    min_batch = 2 if config.bn_mode == "train" else 1  # batch statistics of one image are undefined
+    per_epoch = steps_per_epoch(len(idx), config.batch_size, min_batch)
+    sched = make_scheduler(opt, config, per_epoch * config.epochs)
+    criterion = make_criterion(config, y, num_classes, device)
+    mixer = batch_mixer(config.mixup_alpha, 0.0, num_classes)  # MixUp of activations (manifold mixup)
+    gen = torch.Generator().manual_seed(config.seed)
+    top = top_of(classifier.features, spec, acts.k)
+    if config.bn_mode == "adabn":
+        _adapt_batchnorm(top, stages[len(stages) - trained:], acts, idx, device, control)
+    mirror = config.augmentation not in (None, "none")  # "light": each image or its mirror
+    tuned = nn.ModuleDict({"head": classifier.head, "stages": nn.ModuleList(stages[len(stages) - trained:])})
+    stopper = EarlyStopping(config.monitor, config.patience)
+    history, seen = [], 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        set_train_modes(classifier, stages, trained, config.bn_mode)
+        loss_sum, count = torch.zeros((), device=device), 0
+        for b in train_batches(y, config.batch_size, config.sampler, gen, min_batch):
+            flips = torch.rand(len(b), generator=gen) < 0.5 if mirror else False
+            x = acts.batch(idx[b], device, flips)
+            x, target = mix_batch(x, to_device(y[b], device), mixer, config.mix_prob, gen)
+            with autocast(device):
+                logits, rep = classifier.head_with_representation(top(x))
+            loss = criterion(logits, target)
+            if config.feature_l1:
+                loss = loss + config.feature_l1 * rep.float().abs().mean()
+            if config.l2sp:
+                loss = loss + config.l2sp * l2sp_penalty(backbone_params, reference)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(b)
+            count += len(b)
+            control.stop_if_asked()
+        seen += count
+        classifier.eval()
+        report = _epoch_report(epoch, config, loss_sum.item() / max(count, 1), opt, classifier, spec, acts,
+                               val_idx, val_y)
+        history.append(report)
+        stop = val_idx is not None and stopper.update(report, tuned)
+        control.progress({"phase": "training", **report})
+        if stop:
+            break
+        if deadline is not None and epoch < config.epochs and 2 * time.perf_counter() - epoch_started > deadline:
+            report["deadline"] = True  # the next epoch would not end before the deadline
+            break
+    if val_idx is not None:
+        stopper.restore(tuned)
+    return history, seen
+
+
+def _epoch_report(epoch, config, train_loss, opt, classifier, spec, acts, val_idx, val_y) -> dict:
+    lr = opt.param_groups[0]["lr"]
+    if val_idx is None:
+        return {"epoch": epoch, "epochs": config.epochs, "train_loss": round(train_loss, 6), "lr": float(f"{lr:.6g}")}
+    val_logits = top_logits(classifier, spec, acts.k, acts, val_idx, bool(config.tta_flip))
+    return epoch_report(epoch, config.epochs, train_loss, val_logits, val_y, lr)
+
+
+@torch.no_grad()
+def _adapt_batchnorm(top: nn.Module, tuned: list[nn.Module], acts: StageActivations, idx: torch.Tensor,
+                     device: torch.device, control: Control) -> None:
+    """AdaBN on the trained stages only: their running statistics become the average over the cached
+    training images (the bottom, whose output is cached, keeps the pretrained ones); then frozen."""
+    control.progress({"phase": "adapting batchnorm statistics"})
+    bns = [bn for stage in tuned for bn in _batchnorms(stage)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+        bn.train()
+    try:
+        for b in _batches(len(idx), TOP_BATCH):
+            if len(b) < 2 and len(idx) >= 2:
+                continue  # a lone image has no batch variance worth averaging
+            with autocast(device):
+                top(acts.batch(idx[b], device))
+            control.stop_if_asked()
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+            bn.eval()
+
+
+@torch.no_grad()
+def top_logits(classifier: Classifier, spec: BackboneSpec, k: int, acts: StageActivations, idx: torch.Tensor,
+               tta_flip: bool = True) -> torch.Tensor:
+    """Logits (float32, host) of cached images acts[idx], mirror-averaged when tta_flip: what the
+    full classifier gives for those images, without running the bottom again."""
+    if k != acts.k:
+        raise ValueError(f"these activations were cut {acts.k} stages from the output, not {k}")
+    classifier.eval()
+    top = top_of(classifier.features, spec, acts.k)
+    device = next(classifier.parameters()).device
+    out = []
+    for b in _batches(len(idx), TOP_BATCH):
+        rows = idx.cpu()[b]
+        with autocast(device):
+            logits = classifier.head_logits(top(acts.batch(rows, device))).float()
+            if tta_flip:
+                logits = (logits + classifier.head_logits(top(acts.batch(rows, device, True))).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+# --- the explicit strategy --------------------------------------------------------------------------
+
+def fine_tune_top(config: TrainConfig, data: PreparedData, features: nn.Module, control: Control,
+                  device: torch.device, deadline: float | None = None,
+                  ) -> tuple[Classifier, list[dict], torch.Tensor, int]:
+    """strategy fine_tune_top: cache train and val, train on train, early-stop on val. Returns the
+    classifier, history, the best epoch's val logits and the images trained on."""
+    spec = get_backbone(config.backbone)
+    k = config.unfreeze_stages
+    pre = data.preprocessing
+    acts = StageActivations.compute(features, spec, data.train_x, pre, k, device, control).cat(
+        StageActivations.compute(features, spec, data.val_x, pre, k, device, control))
+    n = len(data.train_y)
+    train_idx, val_idx = torch.arange(n), torch.arange(n, len(acts))
+    classifier, history, seen = train_top(config, features, spec, acts, train_idx, data.train_y,
+                                          len(data.classes), control, device, val_idx, data.val_y, deadline)
+    val_logits = top_logits(classifier, spec, acts.k, acts, val_idx, bool(config.tta_flip))
+    return classifier, history, val_logits, seen

@@ -13,16 +13,14 @@ import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sqlalchemy import select
 
-from service.store.blobs import BlobStore
-from service.store.db import Database
-from service.store.tables import Dataset, DatasetImage
 from workers.backbones import Preprocessing
 from workers.config import TrainConfig
 from workers.errors import JobError
@@ -127,23 +125,31 @@ class DecodedCache:
             total -= size
 
 
-def decode_all(blobs: BlobStore, image_shas: list[str], pre: Preprocessing) -> torch.Tensor:
+@dataclass(frozen=True)
+class LabeledImage:
+    sha256: str
+    label: str
+    split: str | None  # "train", "val", "test", or None: Graft splits it
+
+
+@dataclass(frozen=True)
+class DatasetImages:
+    """A dataset version as training reads it (the catalog builds it from its rows)."""
+    classes: list[str]
+    images: list[LabeledImage]  # in upload order: the decoded cache's key depends on it
+
+
+def decode_all(read: Callable[[str], bytes], image_shas: list[str], pre: Preprocessing) -> torch.Tensor:
     """Decode each image once, in parallel threads (decoders release the GIL), into one uint8 tensor."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        squares = list(pool.map(lambda sha: decode_square(blobs.read(sha), pre), image_shas))
+        squares = list(pool.map(lambda sha: decode_square(read(sha), pre), image_shas))
     return torch.stack(squares)
 
 
-def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainConfig,
+def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: TrainConfig,
                  pre: Preprocessing, control: Control, cache: DecodedCache | None = None) -> PreparedData:
-    with db.session() as s:
-        dataset = s.get(Dataset, dataset_id)
-        if dataset is None:
-            raise JobError("dataset_missing", f"dataset {dataset_id} no longer exists")
-        rows = s.execute(select(DatasetImage.sha256, DatasetImage.label, DatasetImage.split)
-                         .where(DatasetImage.dataset_id == dataset_id)
-                         .order_by(DatasetImage.id)).all()
-        classes = list(dataset.classes)
+    """The dataset's images decoded (`read` gives an image's bytes by sha256) and split."""
+    rows, classes = dataset.images, list(dataset.classes)
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in rows]
     val_given = any(r.split == "val" for r in rows)
@@ -155,7 +161,7 @@ def prepare_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainC
     images = cache.get(key) if cache is not None else None
     if images is None:
         control.progress({"phase": "decoding images", "images": len(rows)})
-        images = decode_all(blobs, shas, pre)
+        images = decode_all(read, shas, pre)
         if cache is not None:
             cache.put(key, images)
     control.stop_if_asked()

@@ -13,6 +13,7 @@ import uuid
 
 import torch
 
+from service.datasets.catalog import images_for_training
 from service.store.blobs import BlobStore
 from service.store.db import Database, utcnow
 from service.store.queue import Claim, JobQueue, ModelRecord
@@ -28,6 +29,16 @@ from workers.device import resolve_device
 from workers.training import train
 
 log = logging.getLogger("graft.worker")
+
+
+def load_training_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainConfig, pre,
+                       control, cache: DecodedCache | None = None):
+    """A job's dataset from the store, decoded and split (workers.data.prepare_data)."""
+    with db.session() as s:
+        dataset = images_for_training(s, dataset_id)
+    if dataset is None:
+        raise JobError("dataset_missing", f"dataset {dataset_id} no longer exists")
+    return prepare_data(dataset, blobs.read, config, pre, control, cache)
 
 
 class LeaseControl:
@@ -276,7 +287,7 @@ class Worker:
             features = self.pretrained_features(spec)
         except WeightsUnavailable as exc:
             raise JobError("weights_missing", str(exc)) from None
-        data = prepare_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded)
+        data = load_training_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded)
         result = train(config, data, features, spec.feature_dim, control, self.device)
         control.stop_if_asked()
         model_id = uuid.uuid4().hex

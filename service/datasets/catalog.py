@@ -27,6 +27,7 @@ from service.store.queue import JobQueue
 from service.store.tables import Dataset, DatasetImage, Job, Model
 from workers.artifacts import ArtifactCorrupt, BackboneMismatch
 from workers.backbones import WeightsUnavailable
+from workers.data import DatasetImages, LabeledImage
 
 MAX_LISTED_IN_ERRORS = 1000
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -146,6 +147,16 @@ def dataset_for_job(session: Session, dataset_id: str, project_id: str) -> Datas
                            + "; ".join(problems), problems=problems)
     dataset.frozen = True
     return dataset
+
+
+def images_for_training(session: Session, dataset_id: str) -> DatasetImages | None:
+    """What a training job reads of a dataset version (None: the dataset is gone)."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        return None
+    rows = session.execute(select(DatasetImage.sha256, DatasetImage.label, DatasetImage.split)
+                           .where(DatasetImage.dataset_id == dataset_id).order_by(DatasetImage.id)).all()
+    return DatasetImages(list(dataset.classes), [LabeledImage(r.sha256, r.label, r.split) for r in rows])
 
 
 def _lock(session: Session, dataset_id: str, project_id: str) -> Dataset:

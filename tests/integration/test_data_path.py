@@ -13,7 +13,8 @@ from service.store.db import Database
 from tests.support.data import subset_zip
 from tests.support.training import PRE, Recorder
 from workers.config import TrainConfig
-from workers.data import DecodedCache, prepare_data
+from workers.data import DecodedCache
+from workers.worker import load_training_data
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def prepare(settings, dataset_id: str, cache: DecodedCache | None, pre=PRE):
     db = Database(settings.database_url)
     try:
         recorder = Recorder()
-        data = prepare_data(db, BlobStore(settings.blobs_dir), dataset_id, TrainConfig(strategy="linear_probe"),
+        data = load_training_data(db, BlobStore(settings.blobs_dir), dataset_id, TrainConfig(strategy="linear_probe"),
                             pre, recorder, cache)
         return data, [u for u in recorder.updates if u.get("phase") == "decoding images"]
     finally:

@@ -22,7 +22,7 @@ from tests.support.ingest import (  # noqa: F401 (fixtures)
 )
 from tests.support.training import PRE, Recorder
 from workers.config import TrainConfig
-from workers.data import prepare_data
+from workers.worker import load_training_data
 from workers.preprocessing import decode_square
 from workers.worker import Worker
 
@@ -124,7 +124,7 @@ def _hymenoptera_zip(with_test: bool) -> tuple[bytes, list[bytes]]:
 def _prepare(settings, dataset_id: str):
     db = Database(settings.database_url)
     try:
-        return prepare_data(db, BlobStore(settings.blobs_dir), dataset_id,
+        return load_training_data(db, BlobStore(settings.blobs_dir), dataset_id,
                             TrainConfig(strategy="linear_probe", image_size=64), PRE, Recorder())
     finally:
         db.dispose()

@@ -13,9 +13,10 @@ from workers.config import TrainConfig
 from workers.device import autocast
 from workers.preprocessing import BatchAugment, batch_mixer, mix_batch, to_device
 from workers.training.contract import Control, PreparedData
-from workers.training.parts import (EarlyStopping, adapt_batchnorm, epoch_report, l2sp_penalty, logits_of,
-                                    make_criterion, make_scheduler, param_groups, restore_training_state,
-                                    set_train_modes, steps_per_epoch, train_batches, training_state)
+from workers.training.parts import (EarlyStopping, adapt_batchnorm, epoch_report, logits_of, make_criterion,
+                                    make_scheduler, optimizer_step, param_groups, regularized_loss,
+                                    restore_training_state, set_train_modes, steps_per_epoch, train_batches,
+                                    training_state)
 
 
 # --- fine-tuning strategies ---------------------------------------------------------------------
@@ -99,15 +100,8 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
             x, target = mix_batch(x, to_device(data.train_y[idx], device), mixer, config.mix_prob, gen)
             with autocast(device):
                 logits, rep = classifier.head_with_representation(classifier.features(x))
-            loss = criterion(logits, target)
-            if config.feature_l1:
-                loss = loss + config.feature_l1 * rep.float().abs().mean()
-            if config.l2sp:
-                loss = loss + config.l2sp * l2sp_penalty(backbone_params, reference)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = regularized_loss(config, criterion, logits, target, rep, backbone_params, reference)
+            optimizer_step(loss, opt, sched)
             loss_sum += loss.detach() * len(idx)
             count, seen = count + len(idx), seen + len(idx)
             control.progress({"phase": "training", "epoch": epoch, "epochs": config.epochs,

@@ -73,7 +73,7 @@ def logits_of(classifier: Classifier, x_u8, pre, device, control, tta_flip: bool
 
 # --- BatchNorm policy -------------------------------------------------------------------------
 
-def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -83,7 +83,7 @@ def adapt_batchnorm(features: nn.Module, x_u8: torch.Tensor, pre: Preprocessing,
     """AdaBN (Li et al. 2016): replace every BN layer's running statistics by their average over the
     target images (eval crop), then leave the layers in eval mode, so training keeps them fixed."""
     control.progress({"phase": "adapting batchnorm statistics"})
-    bns = _batchnorms(features)
+    bns = batchnorms(features)
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
@@ -114,7 +114,7 @@ def set_train_modes(classifier: Classifier, stages: list[nn.Module], trainable: 
     for stage in stages[len(stages) - trainable:] if trainable else []:
         stage.train()
         if bn_mode != "train":
-            for bn in _batchnorms(stage):
+            for bn in batchnorms(stage):
                 bn.eval()
 
 
@@ -142,6 +142,26 @@ def l2sp_penalty(params: list[nn.Parameter], reference: list[torch.Tensor]) -> t
     if not params:
         return torch.zeros(())
     return 0.5 * sum(((p - r) ** 2).sum() for p, r in zip(params, reference))
+
+
+def regularized_loss(config: TrainConfig, criterion, logits: torch.Tensor, target: torch.Tensor, rep: torch.Tensor,
+                     backbone_params: list[nn.Parameter] = (), reference: list[torch.Tensor] = ()) -> torch.Tensor:
+    """The criterion, plus feature_l1 on the representation the final layer reads and, with l2sp
+    and trained backbone weights, their pull toward the pretrained ones."""
+    loss = criterion(logits, target)
+    if config.feature_l1:
+        loss = loss + config.feature_l1 * rep.float().abs().mean()
+    if config.l2sp and backbone_params:
+        loss = loss + config.l2sp * l2sp_penalty(backbone_params, reference)
+    return loss
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> None:
+    """One step of every loop: gradients of `loss`, the optimizer's update, the per-batch schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

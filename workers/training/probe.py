@@ -14,7 +14,7 @@ from workers.preprocessing import batch_mixer, eval_crop, mix_batch, to_device
 from workers.training.contract import Control, PreparedData
 from workers.training import logistic
 from workers.training.parts import (EarlyStopping, epoch_report, features_of, make_criterion, make_scheduler,
-                                    param_groups, steps_per_epoch, train_batches)
+                                    optimizer_step, param_groups, regularized_loss, steps_per_epoch, train_batches)
 
 
 class FeatureCache:
@@ -156,13 +156,8 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
             idx = to_device(idx, device)
             x, target = mix_batch(train_f[idx], train_y[idx], mixer, config.mix_prob, gen)
             logits, rep = classifier.head_with_representation(x)
-            loss = criterion(logits, target)
-            if config.feature_l1:
-                loss = loss + config.feature_l1 * rep.abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = regularized_loss(config, criterion, logits, target, rep)
+            optimizer_step(loss, opt, sched)
             loss_sum += loss.detach() * len(idx)
             count += len(idx)
         head.eval()

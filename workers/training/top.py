@@ -3,9 +3,11 @@
 The frozen bottom of a network whose top is fine-tuned (its BatchNorm in eval mode, as in partial)
 computes the same thing for an image in every epoch. So it runs once: `StageActivations` holds the input of the last k stages for
 each image's eval crop and for its mirror (fp16, on the host), and the top trains on that, each
-epoch showing each image once, as itself or its mirror at random. On a 2-core CPU this turns a
-fine-tune that takes hours into one of about two minutes (Lite0, k=2, bloodcells: docs/benchmarks.md).
-The same cache gives the probe's features (`pooled`), so a search pays for one bottom pass.
+epoch showing each image once, as itself or its mirror at random. Lite0, k=2, bloodcells (752
+train images at 224 px, 2-core CPU shared with other jobs, one thread): caching train and val with
+mirrors 142 s (56 MB), 12 epochs 67 s (4.4-7.2 s each), val accuracy 0.940 (0.942 with tta_flip)
+where the default linear probe scored 0.876. The same cache gives the probe's features (`pooled`),
+so a search pays for one bottom pass.
 
 The top runs the backbone's own modules from the cut on (a layout per architecture family: timm's
 EfficientNets, torchvision's ResNets), so what `fit_top` returns is the ordinary Classifier — the
@@ -31,8 +33,9 @@ from workers.device import autocast, inference_batch_size
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, to_device
 from workers.training.contract import Control, PreparedData
 from workers.training.finetune import stage_param_groups
-from workers.training.parts import (EarlyStopping, _batchnorms, epoch_report, l2sp_penalty, make_criterion,
-                                    make_scheduler, set_train_modes, steps_per_epoch, train_batches)
+from workers.training.parts import (EarlyStopping, batchnorms, epoch_report, make_criterion, make_scheduler,
+                                    optimizer_step, regularized_loss, set_train_modes, steps_per_epoch,
+                                    train_batches)
 
 # The stage groups (workers/backbones.py) of the families whose forward is their stages in order,
 # then pooling: timm's EfficientNets (Lite0, and any Lite with the same module names) and ResNets.
@@ -253,15 +256,8 @@ def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, co
             x, target = mix_batch(x, to_device(y[b], device), mixer, config.mix_prob, gen)
             with autocast(device):
                 logits, rep = classifier.head_with_representation(top(x))
-            loss = criterion(logits, target)
-            if config.feature_l1:
-                loss = loss + config.feature_l1 * rep.float().abs().mean()
-            if config.l2sp:
-                loss = loss + config.l2sp * l2sp_penalty(backbone_params, reference)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = regularized_loss(config, criterion, logits, target, rep, backbone_params, reference)
+            optimizer_step(loss, opt, sched)
             loss_sum += loss.detach() * len(b)
             count += len(b)
             control.stop_if_asked()
@@ -296,7 +292,7 @@ def _adapt_batchnorm(top: nn.Module, tuned: list[nn.Module], acts: StageActivati
     """AdaBN on the trained stages only: their running statistics become the average over the cached
     training images (the bottom, whose output is cached, keeps the pretrained ones); then frozen."""
     control.progress({"phase": "adapting batchnorm statistics"})
-    bns = [bn for stage in tuned for bn in _batchnorms(stage)]
+    bns = [bn for stage in tuned for bn in batchnorms(stage)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()

@@ -19,9 +19,13 @@ from service.api.observability import install_observability
 from service.serving.model_cache import ModelCache
 from service.store.queue import JobQueue
 from service.api.routes import backbones, datasets, health, jobs, models, projects, workers
+from service.api.routes import webhooks as webhooks_router
+from service.api.routes import aliases as aliases_router
 from service.api.routes import export as export_router
+from service.api.routes import batch_predictions
 from service.api.routes.dashboard import install_dashboard
 from service.settings import Settings, get_settings
+from service.webhooks.dispatcher import Dispatcher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,8 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(export_router.router)
     install_dashboard(app)
     for router in (health.router, backbones.router, datasets.router, jobs.router, models.router,
-                   workers.router, projects.router):
+                   workers.router, projects.router, aliases_router.router, batch_predictions.router):
         app.include_router(router)
+    app.include_router(webhooks_router.router)
     logging.getLogger("graft").setLevel(logging.INFO)
     return app
 
@@ -68,10 +73,15 @@ async def _lifespan(app: FastAPI):
     if settings.reaper_in_api:
         threading.Thread(target=_reap_stalled_jobs, args=(app, stop), name="reaper", daemon=True).start()
     app.state.inference.start()
+    dispatcher = Dispatcher(app.state.db, settings) if settings.webhook_dispatcher_in_api else None
+    if dispatcher:
+        dispatcher.start()  # webhooks leave from the API processes, never from a job's worker
     try:
         yield
     finally:
         stop.set()
+        if dispatcher:
+            dispatcher.stop()
         app.state.inference.stop()
 
 

@@ -22,6 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NotRequired, TypedDict
+from urllib.parse import quote
 
 import httpx
 
@@ -94,6 +95,21 @@ class PredictResult(TypedDict):
 class PredictResponse(TypedDict):
     model_id: str
     results: list[PredictResult]
+    alias: NotRequired[str]  # predicted through this alias (model_id: the model it pointed at)
+
+
+class Alias(TypedDict):
+    name: str
+    model_id: str
+    created_at: str
+    updated_at: str
+
+
+class AliasMove(TypedDict):
+    from_model_id: str | None  # None: created by this move
+    to_model_id: str | None  # None: deleted
+    key_id: str | None
+    moved_at: str
 
 
 class JobEvent(TypedDict):
@@ -333,9 +349,30 @@ class GraftClient:
 
     def predict(self, model_id: str, images: list[str | Path], top_k: int = 5) -> PredictResponse:
         """Predict one or more image files (a job id works once its model is ready)."""
+        return self._predict(f"/v1/models/{model_id}/predict", images, top_k)
+
+    def predict_alias(self, alias: str, images: list[str | Path], top_k: int = 5) -> PredictResponse:
+        """Predict with the model the alias points at; the answer's model_id names it."""
+        return self._predict(f"/v1/aliases/{_segment(alias)}/predict", images, top_k)
+
+    def _predict(self, path: str, images: list[str | Path], top_k: int) -> PredictResponse:
         paths = [Path(p) for p in images]
         files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
-        return self._json("POST", f"/v1/models/{model_id}/predict", params={"top_k": top_k}, files=files)
+        return self._json("POST", path, params={"top_k": top_k}, files=files)
+
+    # -- aliases ----------------------------------------------------------------------------
+    def promote(self, model_id: str, alias: str) -> Alias:
+        """Point the alias at the model (creating the alias); predicts through it switch at once."""
+        return self._json("PUT", f"/v1/aliases/{_segment(alias)}", json={"model_id": model_id})
+
+    def list_aliases(self) -> list[Alias]:
+        return self._json("GET", "/v1/aliases")
+
+    def alias_history(self, alias: str) -> list[AliasMove]:
+        return self._json("GET", f"/v1/aliases/{_segment(alias)}/history")
+
+    def delete_alias(self, alias: str) -> Alias:
+        return self._json("DELETE", f"/v1/aliases/{_segment(alias)}")
 
     def export_model(self, model_id: str, fmt: ExportFormat, dest: str | Path,
                      progress: Progress | None = None) -> Path:
@@ -416,6 +453,11 @@ def _status_event(job: Job) -> JobEvent:
     if job.get("error"):
         data["error"] = job["error"]
     return _event("status", data)
+
+
+def _segment(name: str) -> str:
+    """A name as one URL path segment: a '/' in it reaches the server (which says what names may be)."""
+    return quote(name, safe="")
 
 
 def _api_error(resp: httpx.Response) -> GraftAPIError:

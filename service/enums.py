@@ -20,6 +20,13 @@ ACTIVE: tuple[JobStatus, ...] = (JobStatus.queued, JobStatus.running)  # count a
 TERMINAL: tuple[JobStatus, ...] = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)  # never change again
 
 
+class JobKind(StrEnum):
+    """What a job does: train a model, or predict a set of images with one (issue 18)."""
+
+    train = "train"
+    batch_predict = "batch_predict"
+
+
 class ExportFormat(StrEnum):
     onnx = "onnx"
     safetensors = "safetensors"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="per project, images; 0 = no limit")
     predict_rate_per_minute: int = Field(1200, ge=0, description="per project; 0 = no limit")
     upload_rate_per_minute: int = Field(60, ge=0, description="per project; 0 = no limit")
+    metrics_token: SecretStr | None = Field(None, description=(
+        "a bearer token for GET /metrics (Prometheus' `authorization` setting). Unset: /metrics answers "
+        "without one only on loopback or where Graft runs open; an operator key is always accepted"))
 
     # Job queue
     poll_interval_s: float = Field(0.5, gt=0)
@@ -44,6 +47,21 @@ class Settings(BaseSettings):
     worker_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                                description="auto = the first GPU if there is one, else CPU")
     reaper_in_api: bool = Field(True, description="the API process also re-queues stalled jobs")
+
+    # Webhooks (service/webhooks/)
+    webhook_allow_private: bool = Field(False, description=(
+        "deliver to loopback, private, link-local and other non-public addresses (a receiver on the "
+        "server's own network); off, such URLs are refused at registration and at every hop"))
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list, description=(
+        'networks webhooks may reach even when private, as JSON: GRAFT_WEBHOOK_ALLOWED_NETWORKS=\'["10.1.2.0/24"]\''))
+    webhook_dispatcher_in_api: bool = Field(True, description="the API process delivers webhooks (a thread)")
+    webhook_poll_s: float = Field(0.2, gt=0, description="how often the dispatcher looks for due deliveries")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="per request to a receiver (connect to answer)")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="then the delivery is marked failed")
+    webhook_backoff_s: float = Field(10.0, ge=0, description=(
+        "the first retry's delay; doubled for each further one, with jitter, up to webhook_max_backoff_s"))
+    webhook_max_backoff_s: float = Field(3600.0, ge=0)
+    webhook_concurrency: int = Field(4, ge=1, le=64, description="deliveries one API process sends at once")
 
     # Uploads
     max_upload_bytes: int = 2 * 1024**3
@@ -86,6 +104,10 @@ class Settings(BaseSettings):
         "forward passes the API runs at once, each on GRAFT_TORCH_THREADS threads; 0 = 2 on a CPU where "
         "each pass runs on one thread (2 cores by default), else 1"))
 
+    batch_predict_step: int = Field(0, ge=0, le=4096, description=(
+        "images a batch prediction job reads, predicts and writes per step (0 = the engine's batch, at least "
+        "64); it checks for cancel after each step and checkpoints at most every GRAFT_CHECKPOINT_INTERVAL_S"))
+
     @model_validator(mode="after")
     def _default_database(self) -> "Settings":
         if not self.database_url:
@@ -115,6 +137,11 @@ class Settings(BaseSettings):
     def checkpoints_dir(self) -> Path:
         """Per-epoch training checkpoints, one folder per job."""
         return self.data_dir / "checkpoints"
+
+    @property
+    def batch_results_dir(self) -> Path:
+        """Batch prediction results (results.csv, results.jsonl), one folder per job."""
+        return self.data_dir / "batch_predictions"
 
     @property
     def exports_dir(self) -> Path:

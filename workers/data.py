@@ -65,8 +65,10 @@ class DecodedCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(image_shas: list[str], pre: Preprocessing) -> str:
-        h = hashlib.sha256(f"v{DECODER_VERSION}:{pre.resize_size}:{pre.interpolation}:".encode())
+    def key(image_shas: list[str], pre: Preprocessing, owner: str = "") -> str:
+        """`owner` (the job's project) keeps tenants apart: a hit on another project's images would
+        tell a tenant, by its speed or by `features_reused`, what someone else trained on."""
+        h = hashlib.sha256(f"v{DECODER_VERSION}:{owner}:{pre.resize_size}:{pre.interpolation}:".encode())
         for sha in image_shas:
             h.update(sha.encode())
         return h.hexdigest()
@@ -147,8 +149,10 @@ def decode_all(read: Callable[[str], bytes], image_shas: list[str], pre: Preproc
 
 
 def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: TrainConfig,
-                 pre: Preprocessing, control: Control, cache: DecodedCache | None = None) -> PreparedData:
-    """The dataset's images decoded (`read` gives an image's bytes by sha256) and split."""
+                 pre: Preprocessing, control: Control, cache: DecodedCache | None = None,
+                 owner: str = "") -> PreparedData:
+    """The dataset's images decoded (`read` gives an image's bytes by sha256) and split. What is
+    cached of them (decoded pixels; through `source_key`, a probe's features) is the owner's alone."""
     rows, classes = dataset.images, list(dataset.classes)
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in rows]
@@ -157,7 +161,7 @@ def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: T
     if "val" not in splits:
         raise JobError("no_validation_images", "the dataset has no images to validate on")
     shas = [r.sha256 for r in rows]
-    key = DecodedCache.key(shas, pre)
+    key = DecodedCache.key(shas, pre, owner)
     images = cache.get(key) if cache is not None else None
     if images is None:
         control.progress({"phase": "decoding images", "images": len(rows)})
@@ -172,7 +176,7 @@ def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: T
 
     (train_x, train_y), (val_x, val_y) = pick("train"), pick("val")
     test_x, test_y = pick("test") if "test" in splits else (None, None)
-    # The pixels (the decoded cache's key: decoder, preprocessing, ordered sha256s) and the split.
+    # The pixels (the decoded cache's key: owner, decoder, preprocessing, ordered sha256s) and the split.
     source_key = hashlib.sha256(f"{key}:{','.join(splits)}".encode()).hexdigest()
     return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key, val_given=val_given,
                         test_x=test_x, test_y=test_y)

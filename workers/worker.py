@@ -19,7 +19,9 @@ from service.store.db import Database, utcnow
 from service.store.queue import Claim, JobQueue, ModelRecord
 from service.settings import Settings
 from service.store.wakeups import JobWaiter
+from service.enums import JobKind
 from workers.artifacts import Classifier, pretrained_fingerprint, write_artifact
+from workers.batch_predict import run_batch_prediction
 from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
 from workers.checkpoints import prune_checkpoints, read_checkpoint, remove_checkpoint, write_checkpoint
 from workers.config import TrainConfig
@@ -32,13 +34,13 @@ log = logging.getLogger("graft.worker")
 
 
 def load_training_data(db: Database, blobs: BlobStore, dataset_id: str, config: TrainConfig, pre,
-                       control, cache: DecodedCache | None = None):
+                       control, cache: DecodedCache | None = None, project_id: str = ""):
     """A job's dataset from the store, decoded and split (workers.data.prepare_data)."""
     with db.session() as s:
         dataset = images_for_training(s, dataset_id)
     if dataset is None:
         raise JobError("dataset_missing", f"dataset {dataset_id} no longer exists")
-    return prepare_data(dataset, blobs.read, config, pre, control, cache)
+    return prepare_data(dataset, blobs.read, config, pre, control, cache, owner=project_id)
 
 
 class LeaseControl:
@@ -252,7 +254,10 @@ class Worker:
         log.info("running job %s (attempt %d)", claim.job_id, claim.attempt, extra={"action": "job_start"})
         with LeaseControl(self, claim) as control:
             try:
-                self._train_and_publish(claim, control)
+                if claim.kind == JobKind.batch_predict:
+                    run_batch_prediction(self, claim, control)
+                else:
+                    self._train_and_publish(claim, control)
             except StopJob as stop:
                 self._stopped(claim, stop.reason)
             except JobError as err:
@@ -287,7 +292,8 @@ class Worker:
             features = self.pretrained_features(spec)
         except WeightsUnavailable as exc:
             raise JobError("weights_missing", str(exc)) from None
-        data = load_training_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded)
+        data = load_training_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded,
+                                  project_id=claim.project_id)
         result = train(config, data, features, spec.feature_dim, control, self.device)
         control.stop_if_asked()
         model_id = uuid.uuid4().hex

@@ -1,9 +1,14 @@
-"""Who is calling and what they may touch: projects, API keys, scopes, rate limits.
+"""Who is calling and what they may touch: operators, projects, API keys, scopes, rate limits.
 
 Keys are 256 random bits shown once; the database keeps only their SHA-256 and a short display
-prefix. Scopes nest: `admin` (projects and keys) includes `train` (datasets, jobs, models), which
+prefix. Scopes nest: `admin` (the project's keys) includes `train` (datasets, jobs, models), which
 includes `predict`. Every object belongs to a project and every lookup is filtered by the
 caller's project, so another project's ids answer 404, exactly like ids that do not exist.
+
+Above projects stands the server's operator: only an operator key (`graft keys create
+--operator`, made on the server's machine) creates, re-quotas and deletes projects and sees every
+project and worker. Where Graft runs open (no keys), a request without credentials is the
+operator: whoever reaches an open server already controls all of it.
 """
 from __future__ import annotations
 
@@ -20,12 +25,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from service.api.deps import DatabaseDep, SettingsDep
 from service.enums import Scope
 from service.store.db import utcnow
-from service.errors import Conflict, Forbidden, TooManyRequests, Unauthorized
+from service.datasets.names import clean_text, name_key
+from service.errors import Conflict, Forbidden, InvalidInput, TooManyRequests, Unauthorized
 from service.settings import Settings
+from service.store import aliases as aliases_store
 from service.store.tables import DEFAULT_PROJECT_ID, ApiKey, Project
 
 KEY_PREFIX = "graft_"
@@ -92,9 +100,11 @@ def check_exposure(settings: Settings) -> None:
 
 @dataclass(frozen=True)
 class Caller:
-    project_id: str
+    project_id: str  # an operator's is its home project: the default one
     scopes: frozenset[str]
     key_id: str | None = None
+    operator: bool = False
+    aliases: frozenset[str] | None = None  # a predict key limited to these aliases; None: any model
 
     def require(self, scope: str) -> "Caller":
         if scope not in self.scopes:
@@ -102,14 +112,41 @@ class Caller:
                             f"this request needs '{scope}'")
         return self
 
+    def require_any_model(self) -> "Caller":
+        """Predict by model id: refused to a key limited to aliases."""
+        if self.aliases is not None:
+            raise Forbidden(f"this API key may predict only through the alias(es) {', '.join(sorted(self.aliases))}: "
+                            "POST /v1/aliases/{name}/predict")
+        return self
+
+    def require_alias(self, name: str) -> "Caller":
+        if self.aliases is not None and name not in self.aliases:
+            raise Forbidden(f"this API key may not predict through alias {name!r}; it may through "
+                            f"{', '.join(sorted(self.aliases))}")
+        return self
+
+    def require_operator(self) -> "Caller":
+        if not self.operator:
+            raise Forbidden("only the server's operator may do this (a key made on the server with "
+                            "`graft keys create --operator`); a project's admin manages its own keys")
+        return self
+
+
+OPEN_CALLER = Caller(DEFAULT_PROJECT_ID, GRANTS[Scope.admin], operator=True)
+
 
 def authenticate(settings: SettingsDep, db: DatabaseDep,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     if credentials is None:
         if auth_is_open(settings):
-            return Caller(DEFAULT_PROJECT_ID, GRANTS[Scope.admin])
+            return OPEN_CALLER
         raise Unauthorized("an API key is required: send `Authorization: Bearer <key>`")
-    digest = hash_key(credentials.credentials)
+    return caller_of_key(db, credentials.credentials)
+
+
+def caller_of_key(db, plaintext: str) -> Caller:
+    """The caller a key stands for; 401 for an unknown or revoked one."""
+    digest = hash_key(plaintext)
     with db.session(readonly=True) as s:  # every request: a read that never waits for a writer
         key = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or not hmac.compare_digest(key.key_hash, digest) or key.revoked_at is not None:
@@ -118,7 +155,17 @@ def authenticate(settings: SettingsDep, db: DatabaseDep,
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         with db.session() as s:  # at most once a minute per key
             s.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-    return Caller(key.project_id, GRANTS[key.scope], key.id)
+    return Caller(key.project_id, GRANTS[key.scope], key.id, operator=key.operator,
+                  aliases=None if key.aliases is None else frozenset(key.aliases))
+
+
+def still_valid(session, caller: Caller) -> bool:
+    """For long-lived requests (event streams, downloads), asked again as they go: the key is not
+    revoked and its project still exists."""
+    if caller.key_id is None:
+        return session.get(Project, caller.project_id) is not None
+    key = session.get(ApiKey, caller.key_id)
+    return key is not None and key.revoked_at is None and session.get(Project, key.project_id) is not None
 
 
 def require(scope: str):
@@ -127,7 +174,12 @@ def require(scope: str):
     return Depends(dependency)
 
 
+def _operator(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    return caller.require_operator()
+
+
 AdminCaller = Annotated[Caller, require("admin")]
+OperatorCaller = Annotated[Caller, Depends(_operator)]
 TrainCaller = Annotated[Caller, require("train")]
 PredictCaller = Annotated[Caller, require("predict")]
 
@@ -155,19 +207,49 @@ class RateLimiter:
             self._buckets[(project_id, kind)] = (tokens - 1.0, now)
 
 
+def project_named(session, name: str) -> Project | None:
+    """The project whose name reads the same as `name` to a person ('Beta' finds 'beta')."""
+    return session.scalar(select(Project).where(Project.name_key == name_key(name)))
+
+
 def create_project(session, name: str, quotas: dict | None = None) -> Project:
-    if session.scalar(select(Project).where(Project.name == name)) is not None:
-        raise Conflict(f"a project named {name!r} exists already")
-    project = Project(name=name, quotas=quotas or {})
+    """Only operators reach this, so saying which name is taken tells no tenant anything."""
+    name = clean_text(name, 100)
+    if not name_key(name):
+        raise InvalidInput(f"project name {name!r} has no letters or digits; start it with one")
+    existing = project_named(session, name)
+    if existing is not None:
+        raise Conflict(f"project name {name!r} is taken: a project named {existing.name!r} exists (names are "
+                       "compared case-folded, trimmed and without trailing punctuation)")
+    project = Project(name=name, name_key=name_key(name), quotas=quotas or {})
     session.add(project)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # another operator created the same name since the check above
+        raise Conflict(f"project name {name!r} is taken (created a moment ago)") from None
     return project
 
 
-def create_key(session, project_id: str, name: str, scope: str) -> tuple[ApiKey, str]:
-    """A new key; the plaintext is returned once and never stored."""
+def create_key(session, project_id: str, name: str, scope: str, *, operator: bool = False,
+               aliases: list[str] | None = None) -> tuple[ApiKey, str]:
+    """A new key; the plaintext is returned once and never stored. `aliases` limits a predict key."""
+    if aliases is not None:
+        check_alias_restriction(session, project_id, scope, aliases)
     key, digest, prefix = new_key()
-    row = ApiKey(project_id=project_id, name=name, prefix=prefix, key_hash=digest, scope=scope)
+    row = ApiKey(project_id=project_id, name=name, prefix=prefix, key_hash=digest, scope=scope, operator=operator,
+                 aliases=None if aliases is None else sorted(set(aliases)))
     session.add(row)
     session.flush()
     return row, key
+
+
+def check_alias_restriction(session, project_id: str, scope: str, names: list[str]) -> None:
+    """A restriction to aliases fits only a predict key, and names aliases the project has."""
+    if scope != Scope.predict:
+        raise InvalidInput(f"only predict keys may be limited to aliases; this key's scope is {Scope(scope).value!r}")
+    if not names:
+        raise InvalidInput("aliases: name at least one alias (omit it for a key that may use any model)")
+    missing = aliases_store.missing_names(session, project_id, [aliases_store.check_name(n) for n in names])
+    if missing:
+        raise InvalidInput(f"no alias named {', '.join(map(repr, missing))} in this project; create it first "
+                           "(PUT /v1/aliases/{name}) or name existing ones", missing=missing)

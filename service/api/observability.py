@@ -3,10 +3,17 @@
 Job and model numbers are read from the SQL store at scrape time, so /metrics on the API shows
 the whole fleet (every worker process, every machine) without the workers serving anything.
 Request and prediction latencies are measured in the API process that serves them.
+
+What a stranger may read: /metrics (totals across every project, and per-route 401/403/404
+counts that show probing) takes GRAFT_METRICS_TOKEN or an operator key, and without a token set
+answers anonymous callers only on loopback or where Graft runs open. /readyz says ready or not to
+anyone (load balancers and probes send no key); its findings (paths, free bytes, database kind
+and schema) go only to the operator or a caller on the server's machine.
 """
 from __future__ import annotations
 
 import contextvars
+import hmac
 import json
 import logging
 import re
@@ -18,12 +25,14 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select, text
 
+from service.api.auth import auth_is_open, caller_of_key, is_loopback
 from service.api.deps import DatabaseDep, MetricsDep, SchemaHeadsDep, SettingsDep
+from service.errors import Unauthorized
 from service.store.db import Database, utcnow
 from service.api.problems import problem
 from service.api.schemas import Readiness
@@ -233,19 +242,60 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(app_metrics: MetricsDep) -> Response:
+def metrics(request: Request, app_metrics: MetricsDep, settings: SettingsDep, db: DatabaseDep) -> Response:
     """Prometheus text exposition."""
+    _check_scraper(request, settings, db)
     return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _bearer_value(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _from_this_machine(request: Request, settings) -> bool:
+    """No credentials needed: the caller is on loopback, or Graft runs open (no keys) anyway."""
+    return auth_is_open(settings) or (request.client is not None and is_loopback(request.client.host))
+
+
+def _check_scraper(request: Request, settings, db: Database) -> None:
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if "authorization" not in request.headers:
+        if not token and _from_this_machine(request, settings):
+            return
+        raise Unauthorized("/metrics needs `Authorization: Bearer <GRAFT_METRICS_TOKEN>` or an operator key"
+                           if token else "/metrics answers without credentials only on the server's machine; "
+                           "set GRAFT_METRICS_TOKEN and scrape with it (or use an operator key)")
+    value = _bearer_value(request)
+    if value and token and hmac.compare_digest(value.encode(), token.encode()):
+        return
+    if value is None:
+        raise Unauthorized("the Authorization header is not `Bearer <token>`")
+    caller_of_key(db, value).require_operator()  # 401 for a key that is no key, 403 for a project's
+
+
+def _sees_readiness_details(request: Request, settings, db: Database) -> bool:
+    if "authorization" not in request.headers:
+        return _from_this_machine(request, settings)
+    value = _bearer_value(request)
+    try:
+        return value is not None and caller_of_key(db, value).operator
+    except Exception:  # a bad key, or a database that cannot say: a probe still gets its answer, in short
+        return False
+
+
 @router.get("/readyz", responses={200: {"model": Readiness, "description": "every check passed"},
-                                   503: {"description": "a check failed: `detail` says which, `checks` has them all"}})
-def readyz(db: DatabaseDep, heads: SchemaHeadsDep, settings: SettingsDep):
+                                   503: {"description": "a check failed: `detail` says which, `checks` has them "
+                                                        "all (both only for the operator or on loopback)"}})
+def readyz(request: Request, db: DatabaseDep, heads: SchemaHeadsDep, settings: SettingsDep):
     """Ready to serve: the database answers and is migrated, and the artifact store is writable."""
     checks = {"database": _check(lambda: _database_ready(db, heads)),
               "artifact_store": _check(lambda: _store_writable(settings))}
+    detailed = _sees_readiness_details(request, settings, db)
     if all(c["ok"] for c in checks.values()):
-        return {"status": "ready", "checks": checks}
+        return {"status": "ready", "checks": checks} if detailed else {"status": "ready"}
+    if not detailed:
+        return problem(503, "not ready", "not_ready")
     failing = "; ".join(f"{name}: {c['error']}" for name, c in checks.items() if not c["ok"])
     return problem(503, f"not ready: {failing}", "not_ready", checks=checks)
 

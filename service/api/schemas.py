@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.enums import JobStatus, Scope
+from service.webhooks.events import DeliveryStatus, WebhookEvent
 from workers.config import TrainConfig
 
 
@@ -200,7 +201,8 @@ class PredictResponse(BaseModel):
 
 
 class JobEventOut(Out):
-    id: int
+    id: int = Field(validation_alias="seq", description="the event's number within its job (1, 2, ...): "
+                    "resume after it with `after_id` or `Last-Event-ID`")
     kind: str
     data: dict
     created_at: datetime
@@ -223,7 +225,20 @@ QuotaName = Literal["max_concurrent_jobs", "max_datasets", "max_stored_bytes", "
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
-    quotas: dict[QuotaName, int] = Field(default_factory=dict, description="overrides of the server defaults")
+    quotas: dict[QuotaName, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="overrides of the server defaults; 0 = no limit")
+
+
+class ProjectUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quotas: dict[QuotaName, Annotated[int, Field(ge=0)] | None] = Field(
+        description="quotas to change; 0 = no limit, null = back to the server's default")
+
+
+class ProjectDeleted(BaseModel):
+    id: str
+    deleted: dict[str, int] = Field(description="rows removed (datasets, images, models, jobs, keys) and "
+                                                "blobs: image files no other project holds")
 
 
 class ProjectOut(Out):
@@ -238,6 +253,9 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     scope: Scope = Field(description="admin: projects and keys (and all below); train: datasets, jobs, "
                                      "models (and predict); predict: predict only")
+    aliases: list[str] | None = Field(None, min_length=1, max_length=100, description=(
+        "predict keys only: limit the key to predicting through these aliases of the project (they must "
+        "exist); it may then not predict by model id. Omit for a key that may predict with any model"))
 
 
 class KeyOut(Out):
@@ -249,6 +267,7 @@ class KeyOut(Out):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    aliases: list[str] | None = Field(None, description="the only aliases it may predict through; null: any model")
 
 
 class KeyCreated(KeyOut):
@@ -270,4 +289,108 @@ class CheckResult(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"]
-    checks: dict[str, CheckResult]
+    checks: dict[str, CheckResult] | None = Field(None, description=(
+        "each check's findings: only for the operator, or a caller on the server's machine"))
+
+
+# --- aliases (issue 18) ---
+class AliasPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(min_length=1, max_length=64, description="a ready model of this project (or the id of "
+                                                                   "the job that trained it)")
+
+
+class AliasOut(Out):
+    name: str
+    model_id: str = Field(description="the model it points at now")
+    created_at: datetime
+    updated_at: datetime = Field(description="when it last moved")
+
+
+class AliasMoveOut(Out):
+    from_model_id: str | None = Field(description="null: the alias was created by this move")
+    to_model_id: str | None = Field(description="null: the alias was deleted")
+    key_id: str | None = Field(description="the API key that moved it; null where Graft runs without keys")
+    moved_at: datetime
+
+
+class AliasPredictResponse(PredictResponse):
+    alias: str = Field(description="the alias predicted through; model_id names the model that answered")
+
+
+# --- webhooks (issue 18) ---
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=1, max_length=2048, description="http:// or https://; public addresses only "
+                     "unless the operator set GRAFT_WEBHOOK_ALLOW_PRIVATE")
+    events: list[WebhookEvent] = Field(min_length=1, max_length=len(WebhookEvent), description="what to send")
+
+
+class WebhookOut(Out):
+    id: str
+    project_id: str
+    url: str
+    events: list[WebhookEvent]
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="shown once: verifies the Graft-Signature header of every delivery")
+
+
+class WebhookAttemptOut(Out):
+    number: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None = Field(description="the receiver's answer; null when there was none")
+    error: str | None = Field(description="why it did not succeed (timeout, refused address, non-2xx); null: 2xx")
+    next_retry_at: datetime | None = Field(description="when it is tried again; null: no retry follows")
+
+
+class WebhookDeliveryOut(Out):
+    id: str
+    event: WebhookEvent
+    status: DeliveryStatus
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="while pending: when it is sent next")
+    attempts: list[WebhookAttemptOut]
+
+
+# -- batch predictions (issue 18) -----------------------------------------------------------------
+
+class BatchPredictionCreate(BaseModel):
+    """What a batch prediction predicts: a dataset of the project (JSON), or a zip sent as multipart
+    `file` (then dataset_id is absent)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str | None = Field(None, min_length=1, max_length=200,
+                                   description="a dataset of this project; its images are predicted in upload order")
+    top_k: int = Field(5, ge=1, le=1000, description="labels per image, best first; capped at the model's classes")
+
+
+class BatchProgress(BaseModel):
+    done: int = Field(description="images predicted so far")
+    total: int = Field(description="images to predict")
+
+
+class BatchLinks(BaseModel):
+    self: str
+    results_csv: str = Field(description="409 until the batch prediction has succeeded")
+    results_jsonl: str = Field(description="409 until the batch prediction has succeeded")
+    job: str = Field(description="the job it runs as: events, cancel")
+
+
+class BatchPredictionOut(BaseModel):
+    id: str = Field(description="also the id of the job it runs as")
+    model_id: str
+    dataset_id: str = Field(description="the images predicted (an uploaded zip becomes an unlabeled dataset)")
+    status: JobStatus
+    top_k: int
+    progress: BatchProgress
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    cancel_requested: bool
+    error: JobError | None = None
+    links: BatchLinks

@@ -334,6 +334,40 @@ def models_show(ctx: typer.Context, model_id: str, as_json: JsonOpt = False):
     _show_metrics(model)
 
 
+@models_app.command("promote")
+def models_promote(ctx: typer.Context, model_id: Annotated[str, typer.Argument(
+                       metavar="MODEL_ID", help="a ready model (or the id of the job that trained it)")],
+                   alias: Annotated[str, typer.Argument(metavar="ALIAS", help="e.g. prod, staging")],
+                   as_json: JsonOpt = False):
+    """Point an alias at a model (creating the alias): predicts through it switch to that model at once."""
+    with _client(ctx) as client:
+        moved = client.promote(model_id, alias)
+    if as_json:
+        return _print_json(moved)
+    out.print(f"alias {moved['name']} -> model {moved['model_id']}")
+
+
+@models_app.command("aliases")
+def models_aliases(ctx: typer.Context, alias: Annotated[Optional[str], typer.Argument(
+                       metavar="[ALIAS]", help="show this alias's history of moves instead")] = None,
+                   as_json: JsonOpt = False):
+    """The project's aliases and the models they point at; with ALIAS, every move of it."""
+    with _client(ctx) as client:
+        rows = client.alias_history(alias) if alias else client.list_aliases()
+    if as_json:
+        return _print_json(rows)
+    if alias:
+        table = Table("moved", "from", "to", "key", title=f"alias {alias}")
+        for m in rows:
+            table.add_row(_when(m["moved_at"]), m["from_model_id"] or "(created)", m["to_model_id"] or "(deleted)",
+                          m["key_id"] or "-")
+    else:
+        table = Table("alias", "model", "moved", title="aliases")
+        for a in rows:
+            table.add_row(a["name"], a["model_id"], _when(a["updated_at"]))
+    out.print(table)
+
+
 @models_app.command("export")
 def models_export(ctx: typer.Context, model_id: str,
                   format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.onnx,

@@ -73,26 +73,40 @@ def migrate(log_format: LogFormatOpt = LogFormat.auto):
 
 
 @keys_app.command("create")
-def keys_create(project: Annotated[str, typer.Option(help="project name; created if it does not exist")],
+def keys_create(project: Annotated[Optional[str], typer.Option(
+                    help="project name; created if it does not exist (not with --operator)")] = None,
                 scope: Annotated[Scope, typer.Option(help="admin, train or predict")] = Scope.admin,
                 name: Annotated[str, typer.Option(help="a name to recognise the key by")] = "cli",
+                operator: Annotated[bool, typer.Option(
+                    "--operator", help="a server operator's key: creates, re-quotas and deletes projects, "
+                                       "sees every project and worker")] = False,
+                alias: Annotated[Optional[list[str]], typer.Option(
+                    help="predict keys: may predict only through this alias (repeat for several)")] = None,
                 log_format: LogFormatOpt = LogFormat.auto):
     """Create a key straight in the database (GRAFT_DATABASE_URL); it is printed once, never stored."""
-    from sqlalchemy import select
-
-    from service.api.auth import create_key, create_project
+    from service.api.auth import create_key, create_project, project_named
+    from service.errors import GraftError
     from service.store.db import Database
-    from service.store.tables import Project
+    from service.store.tables import DEFAULT_PROJECT_ID
 
+    if operator == (project is not None):
+        raise typer.BadParameter("give either --project NAME (a project's key) or --operator (the server's)")
     settings = _settings(log_format)
     _migrate(settings)
     db = Database(settings.database_url)
     with db.session() as session:
-        row = session.scalar(select(Project).where(Project.name == project)) or create_project(session, project)
-        key, plaintext = create_key(session, row.id, name, scope.value)
-        key_id, project_id = key.id, row.id
+        if operator:  # an operator's key lives in the default project, which is never deleted
+            project_id, scope = DEFAULT_PROJECT_ID, Scope.admin
+        else:
+            project_id = (project_named(session, project) or create_project(session, project)).id
+        try:
+            key, plaintext = create_key(session, project_id, name, scope.value, operator=operator, aliases=alias)
+        except GraftError as exc:  # an alias restriction that does not fit
+            raise typer.BadParameter(exc.detail) from None
+        key_id = key.id
     db.dispose()
-    err.print(f"project {project} ({project_id}), key {key_id}, scope {scope.value}. The key is shown once:")
+    what = f"operator key {key_id}" if operator else f"project {project} ({project_id}), key {key_id}, scope {scope.value}"
+    err.print(f"{what}. The key is shown once:")
     print(plaintext)
 
 

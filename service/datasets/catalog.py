@@ -42,12 +42,12 @@ def _check_id(id_: object, what: str) -> None:
         raise NotFound(f"no {what} with id {str(id_)[:80]!r}")
 
 
-def get_or_404(session: Session, table, id_: str, what: str, project_id: str):
-    """The row, if it exists and belongs to the caller's project: another project's ids are
-    answered exactly like ids that do not exist."""
+def get_or_404(session: Session, table, id_: str, what: str, project_id: str | None):
+    """The row, if it exists and belongs to the caller's project (None: the operator, any project):
+    another project's ids are answered exactly like ids that do not exist."""
     _check_id(id_, what)
     obj = session.get(table, id_)
-    if obj is None or obj.project_id != project_id:
+    if obj is None or (project_id is not None and obj.project_id != project_id):
         raise NotFound(f"no {what} with id {id_!r}")
     return obj
 

@@ -143,6 +143,42 @@ class Intake:
 # -- zip archives ---------------------------------------------------------------------------------
 
 def ingest_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestResult:
+    archive, entries = _open_safe_archive(upload, settings)
+    intake = Intake(stage, settings)
+    reader = _EntryReader(archive, settings)
+    placed = _place_files(entries, reader, intake.result, settings)
+    check_labels({label for _, _, label, _ in placed}, settings)
+    for info, path, label, split in placed:
+        data = reader.read(info, path, intake.result)
+        if data is not None:
+            intake.offer(path, label, split, data)
+    return intake.finish()
+
+
+UNLABELED = ""  # the label of images uploaded to be predicted (batch predictions), not to train on
+
+
+def ingest_unlabeled_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestResult:
+    """A zip of images in any folders, to be predicted: every image file, named by its path in
+    the archive, checked as a training upload's are (safety, decoding, limits, exact duplicates
+    kept once), without labels."""
+    archive, entries = _open_safe_archive(upload, settings)
+    intake = Intake(stage, settings)
+    reader = _EntryReader(archive, settings)
+    for info in entries:
+        if info.is_dir():
+            continue
+        path = clean_name(info.filename)
+        parts = [p for p in _normalise_path(info.filename).split("/") if p]
+        if not parts or any(p in JUNK_NAMES or p.startswith(".") for p in parts):
+            intake.result.reject(path, "system or hidden file; ignored")
+        elif (data := reader.read(info, path, intake.result)) is not None:
+            intake.offer(path, UNLABELED, None, data)
+    return intake.finish()
+
+
+def _open_safe_archive(upload: BinaryIO, settings: Settings) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """The archive and its entries, once the whole archive passed the safety checks and limits."""
     archive = _open_archive(upload, settings)
     entries = archive.infolist()
     if len(entries) > settings.max_archive_entries:
@@ -155,15 +191,7 @@ def ingest_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestRe
     if declared > settings.max_archive_bytes:
         raise PayloadTooLarge(f"the archive expands to {declared} bytes; at most "
                               f"{settings.max_archive_bytes} are allowed")
-    intake = Intake(stage, settings)
-    reader = _EntryReader(archive, settings)
-    placed = _place_files(entries, reader, intake.result, settings)
-    check_labels({label for _, _, label, _ in placed}, settings)
-    for info, path, label, split in placed:
-        data = reader.read(info, path, intake.result)
-        if data is not None:
-            intake.offer(path, label, split, data)
-    return intake.finish()
+    return archive, entries
 
 
 def _open_archive(upload: BinaryIO, settings: Settings) -> zipfile.ZipFile:

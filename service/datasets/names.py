@@ -79,3 +79,12 @@ def _cap_bytes(text: str, limit: int) -> str:
     if len(encoded) <= limit:
         return text
     return encoded[:limit].decode("utf-8", errors="ignore")
+
+
+def name_key(raw: str) -> str:
+    """Names equal under this key are one name to a person ('Beta', ' beta', 'beta.', 'béta' composed
+    or not): NFC, case-folded, trimmed, trailing punctuation dropped. Project names are unique by it."""
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", raw).casefold()).strip()
+    while text and (unicodedata.category(text[-1]).startswith("P") or text[-1].isspace()):
+        text = text[:-1]
+    return text

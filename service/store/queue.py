@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -18,10 +19,11 @@ from typing import Callable
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.enums import ACTIVE, TERMINAL, JobStatus  # noqa: F401  (re-exported for the server side)
+from service.enums import ACTIVE, TERMINAL, JobKind, JobStatus  # noqa: F401  (re-exported for the server side)
 from service.store.db import Database, utcnow
 from service.store.tables import DEFAULT_PROJECT_ID, Job, JobEvent, Model, WorkerRecord
 from service.store.wakeups import jobs_claimable
+from service.webhooks.outbox import enqueue_job_end
 
 MAX_BACKOFF_S = 300.0
 
@@ -36,6 +38,8 @@ class Claim:
     project_id: str = DEFAULT_PROJECT_ID
     checkpoint_epoch: int | None = None
     checkpoint_file: str | None = None
+    kind: str = JobKind.train  # what the worker runs: training, or a batch prediction
+    source_model_id: str | None = None  # batch_predict: the model it predicts with
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,14 @@ class ModelRecord:
 
 
 def add_event(session: Session, job_id: str, kind: str, **data) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+    """Append to the job's log, numbered after its last event. The counter lives on the job row,
+    whose lock orders concurrent writers (the worker's progress, a user's cancel)."""
+    seq, project_id = session.execute(
+        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + 1)
+        .returning(Job.event_seq, Job.project_id).execution_options(synchronize_session=False)).one()
+    session.add(JobEvent(job_id=job_id, seq=seq, kind=kind, data=data))
+    if kind == "status":  # every end of a job passes here: its webhook event joins the same transaction
+        enqueue_job_end(session, project_id, job_id, data)
 
 
 class JobQueue:
@@ -67,9 +78,11 @@ class JobQueue:
     # -- API side ---------------------------------------------------------------------------
     @staticmethod
     def enqueue(session, *, dataset_id: str, config: dict, max_attempts: int, priority: int = 0,
-                requires_gpu: bool = False, project_id: str = DEFAULT_PROJECT_ID) -> Job:
+                requires_gpu: bool = False, project_id: str = DEFAULT_PROJECT_ID,
+                kind: JobKind = JobKind.train, source_model_id: str | None = None) -> Job:
         job = Job(project_id=project_id, dataset_id=dataset_id, config=config, priority=priority, max_attempts=max_attempts,
-                  requires_gpu=requires_gpu, progress={}, attempt_history=[])
+                  requires_gpu=requires_gpu, progress={}, attempt_history=[], kind=kind,
+                  source_model_id=source_model_id)
         session.add(job)
         session.flush()
         add_event(session, job.id, "status", status=JobStatus.queued)
@@ -119,6 +132,28 @@ class JobQueue:
         return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.project_id == project_id)))
 
     @staticmethod
+    def cancel_project_jobs(session, project_id: str) -> list[str]:
+        """Cancel every queued or running job of the project; returns the ids still running (told to stop)."""
+        for job in session.scalars(select(Job).where(Job.project_id == project_id, Job.status.in_(ACTIVE))).all():
+            JobQueue.request_cancel(session, job)
+        return JobQueue.running_of_project(session, project_id)
+
+    @staticmethod
+    def running_of_project(session, project_id: str) -> list[str]:
+        return list(session.scalars(select(Job.id).where(Job.project_id == project_id,
+                                                         Job.status == JobStatus.running)))
+
+    @staticmethod
+    def delete_project_jobs(session, project_id: str) -> list[str]:
+        """Delete the project's jobs and their events (none may be running: a worker would write on);
+        returns their ids. Its models must be gone first (they point at their jobs)."""
+        ids = list(session.scalars(select(Job.id).where(Job.project_id == project_id).with_for_update()))
+        if ids:
+            session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
+            session.execute(delete(Job).where(Job.id.in_(ids)))
+        return ids
+
+    @staticmethod
     def count_by_status(session) -> dict[str, int]:
         return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
@@ -136,15 +171,27 @@ class JobQueue:
             .where(Job.status.in_(TERMINAL), Job.started_at.is_not(None), Job.finished_at.is_not(None)))]
 
     @staticmethod
-    def events(session, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
-        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id)
-                                    .order_by(JobEvent.id).limit(limit)))
+    def events(session, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """The job's events numbered after `after_seq` (an event's seq is its id to users)."""
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+                                    .order_by(JobEvent.seq).limit(limit)))
 
     def live_workers(self, session) -> list[WorkerRecord]:
         fresh = self.now() - timedelta(seconds=self.stale_after_s)
         return list(session.scalars(select(WorkerRecord).where(WorkerRecord.stopped_at.is_(None),
                                                                WorkerRecord.heartbeat_at >= fresh)
                                     .order_by(WorkerRecord.started_at)))
+
+    def wait_stopped(self, project_id: str, timeout_s: float, poll_s: float = 0.2) -> bool:
+        """Wait until none of the project's jobs runs (after cancel_project_jobs); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.db.session(readonly=True) as s:
+                if not self.running_of_project(s, project_id):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
 
     # -- worker side ------------------------------------------------------------------------
     def claim(self, worker_id: str, *, has_gpu: bool = False) -> Claim | None:
@@ -163,7 +210,7 @@ class JobQueue:
             .values(status=JobStatus.running, worker_id=worker_id, lease_token=token, heartbeat_at=now,
                     started_at=now, attempts=Job.attempts + 1, cancel_requested=False)
             .returning(Job.id, Job.project_id, Job.dataset_id, Job.config, Job.attempts, Job.checkpoint_epoch,
-                       Job.checkpoint_file)
+                       Job.checkpoint_file, Job.kind, Job.source_model_id)
             .execution_options(synchronize_session=False)
         )
         with self.db.session() as s:
@@ -174,7 +221,7 @@ class JobQueue:
         return Claim(job_id=row.id, lease_token=token, project_id=row.project_id, dataset_id=row.dataset_id,
                      config=row.config,
                      attempt=row.attempts, checkpoint_epoch=row.checkpoint_epoch,
-                     checkpoint_file=row.checkpoint_file)
+                     checkpoint_file=row.checkpoint_file, kind=row.kind, source_model_id=row.source_model_id)
 
     def next_run_after(self, *, has_gpu: bool = False) -> datetime | None:
         """When the first queued job still in its retry backoff becomes claimable. Nobody is
@@ -244,6 +291,18 @@ class JobQueue:
             s.add(Model(**asdict(record), project_id=claim.project_id, job_id=claim.job_id,
                         dataset_id=claim.dataset_id))
             add_event(s, claim.job_id, "status", status=JobStatus.succeeded, model_id=record.id)
+        return True
+
+    def finish_batch(self, claim: Claim, progress: dict) -> bool:
+        """Mark a batch prediction succeeded with its final progress, only under lease."""
+        with self.db.session() as s:
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(status=JobStatus.succeeded, finished_at=self.now(), lease_token=None,
+                                    progress=progress, error_code=None, error_message=None)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=JobStatus.succeeded, images=progress.get("done"))
         return True
 
     def finish_cancelled(self, claim: Claim) -> bool:

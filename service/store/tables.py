@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, column_property, mapped_column
 
-from service.enums import JobStatus
+from service.enums import JobKind, JobStatus
 from service.store.db import Base, UTCDateTime, utcnow
 
 
@@ -90,15 +90,22 @@ class Job(Base):
     attempt_history: Mapped[list] = mapped_column(JSON, default=list)  # one entry per ended attempt
     checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)  # last epoch saved under the lease
     checkpoint_file: Mapped[str | None] = mapped_column(String(1024))  # relative to the data dir
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)  # the seq of the job's last event
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.train, server_default=JobKind.train)
+    source_model_id: Mapped[str | None] = mapped_column(String(32))  # batch_predict: the model it predicts with
 
 
 class JobEvent(Base):
     """The job's log: state changes, per-epoch metrics, warnings. Streamed to users as SSE."""
 
     __tablename__ = "job_event"
+    __table_args__ = (Index("uq_job_event_job_id_seq", "job_id", "seq", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    # 1, 2, ... within the job: what users see as the event's id (the global id would show how
+    # many events every other tenant's jobs wrote meanwhile).
+    seq: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))  # status | epoch | warning
     data: Mapped[dict] = mapped_column(JSON)
@@ -150,9 +157,12 @@ class Project(Base):
     """Owns datasets, jobs and models; API keys belong to one project."""
 
     __tablename__ = "project"
+    __table_args__ = (Index("uq_project_name_key", "name_key", unique=True),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # service.datasets.names.name_key(name): 'Beta', 'beta ' and 'beta.' are one name
+    name_key: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     quotas: Mapped[dict] = mapped_column(JSON, default=dict)  # overrides of the Settings defaults
 
@@ -168,6 +178,96 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scope: Mapped[str] = mapped_column(String(16))  # admin | train | predict (each includes the next)
+    operator: Mapped[bool] = mapped_column(Boolean, default=False)  # acts on the whole server (projects, quotas)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    aliases: Mapped[list | None] = mapped_column(JSON)  # a predict key limited to these aliases; None: any model
+
+
+# --- aliases (issue 18): tables below this line ---
+
+
+class ModelAlias(Base):
+    """A project's named pointer to one of its models (`prod`, `staging`): clients predict by name."""
+
+    __tablename__ = "model_alias"
+    __table_args__ = (Index("uq_model_alias_project_id_name", "project_id", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(63))  # service.store.aliases.ALIAS_NAME
+    model_id: Mapped[str] = mapped_column(ForeignKey("model.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AliasMove(Base):
+    """One move of an alias: kept by (project, name) so the history outlives a deleted alias."""
+
+    __tablename__ = "alias_move"
+    __table_args__ = (Index("ix_alias_move_project_id_alias", "project_id", "alias"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(32))
+    alias: Mapped[str] = mapped_column(String(63))
+    from_model_id: Mapped[str | None] = mapped_column(String(32))  # None: the alias was created
+    to_model_id: Mapped[str | None] = mapped_column(String(32))  # None: the alias was deleted
+    key_id: Mapped[str | None] = mapped_column(String(32))  # None: open mode, no key
+    moved_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+
+# --- webhooks (issue 18): tables below this line ---
+
+
+class Webhook(Base):
+    """A project's receiver of events. The secret is kept as given: signing needs it (README)."""
+
+    __tablename__ = "webhook"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list] = mapped_column(JSON)  # service.webhooks.events.WebhookEvent values
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook (the outbox row), written in the transaction that caused it."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_delivery_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhook.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(String(32), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON sent and signed, the same on every retry
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # DeliveryStatus
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A dispatcher's claim: another one skips the row until claimed_until has passed.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookAttempt(Base):
+    """One try at sending a delivery: what the receiver answered, or why it could not."""
+
+    __tablename__ = "webhook_attempt"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_delivery.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... within the delivery
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: no retry follows
+
+
+# --- batch predictions (issue 18): tables below this line ---

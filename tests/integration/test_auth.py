@@ -23,6 +23,8 @@ from service.store.tables import ApiKey, Dataset, DatasetImage, Job, JobEvent, M
 from tests.support.data import subset_zip
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/"}
+OPERATOR_ONLY = {("POST", "/v1/projects"), ("PATCH", "/v1/projects/{project_id}"),
+                 ("DELETE", "/v1/projects/{project_id}")}
 
 
 def png() -> bytes:
@@ -38,10 +40,12 @@ def secured(any_db_settings) -> Settings:
 
 @pytest.fixture
 def world(secured):
-    """Projects A and B with keys; B owns a dataset, a job and a model."""
+    """Projects A and B with keys, and an operator key; B owns a dataset, a job and a model."""
     db = Database(secured.database_url)
     keys = {}
     with db.session() as s:
+        operator, keys["operator"] = create_key(s, "default", "op", "admin", operator=True)
+        keys["operator-id"] = operator.id
         for name in ("a", "b"):
             project = create_project(s, f"project-{name}")
             for scope in ("admin", "train", "predict"):
@@ -99,6 +103,8 @@ def request_kwargs(method: str, path: str, ids: dict) -> dict:
         return {"json": {"name": "intruder", "scope": "admin"}}
     if path == "/v1/projects" and method == "POST":
         return {"json": {"name": "another"}}
+    if path == "/v1/projects/{project_id}" and method == "PATCH":
+        return {"json": {"quotas": {"max_datasets": 0}}}
     return {}
 
 
@@ -113,7 +119,9 @@ def test_another_projects_objects_are_404_and_untouched(world):
     checked = 0
     for method, path in operations(client.app):
         resp = client.request(method, fill(path, ids), headers=a, **request_kwargs(method, path, ids))
-        if "{" in path or (method, path) == ("POST", "/v1/jobs"):
+        if (method, path) in OPERATOR_ONLY:
+            assert resp.status_code == 403 and "operator" in resp.json()["detail"], (method, path, resp.text)
+        elif "{" in path or (method, path) == ("POST", "/v1/jobs"):
             assert resp.status_code == 404, (method, path, resp.status_code, resp.text)
             assert resp.headers["content-type"].startswith("application/problem+json")
             checked += 1
@@ -131,6 +139,8 @@ def test_a_predict_key_cannot_reach_training_routes(world):
         resp = client.request(method, fill(path, ids), headers=p, **request_kwargs(method, path, ids))
         if path.endswith("/predict") or path == "/v1/backbones":
             assert resp.status_code in (200, 404), (method, path, resp.text)
+        elif (method, path) in OPERATOR_ONLY:
+            assert resp.status_code == 403 and "operator" in resp.json()["detail"], (method, path)
         else:
             assert resp.status_code == 403, (method, path, resp.status_code)
             assert "predict" in resp.json()["detail"]
@@ -164,10 +174,35 @@ def test_the_database_holds_no_usable_key(world):
             assert len(key) >= len("graft_") + 43  # 256 bits, base64url
 
 
-def test_admin_creates_projects_and_keys_shown_once(world):
+def test_the_operator_reaches_projects_but_not_their_data(world):
+    """The operator manages every project (keys, quotas) but is no member of any: B's datasets, jobs
+    and models answer it 404 like any other project's, and stay as they were."""
+    client, keys, ids, db = world
+    before = snapshot(db, keys["b-project"])
+    op = {"Authorization": f"Bearer {keys['operator']}"}
+    for method, path in operations(client.app):
+        if (method, path) == ("DELETE", "/v1/projects/{project_id}"):
+            continue  # deleting B is test_tenants' business
+        resp = client.request(method, fill(path, ids), headers=op, **request_kwargs(method, path, ids))
+        if "/projects" in path or path.startswith("/v1/keys"):
+            assert resp.status_code < 400, (method, path, resp.status_code, resp.text)
+        elif "{" in path or (method, path) == ("POST", "/v1/jobs"):
+            assert resp.status_code == 404, (method, path, resp.status_code, resp.text)
+        else:
+            assert resp.status_code < 400, (method, path, resp.text)
+    after = snapshot(db, keys["b-project"])
+    assert {k: v for k, v in after.items() if k != "keys"} == {k: v for k, v in before.items() if k != "keys"}
+    assert len(after["keys"]) == len(before["keys"]) + 1  # the operator made one, and revoked B's admin key
+    assert dict(after["keys"])[keys["b-admin-id"]] is not None
+
+
+def test_only_the_operator_creates_projects_and_keys_are_shown_once(world):
     client, keys, ids, db = world
     a = {"Authorization": f"Bearer {keys['a-admin']}"}
-    created = client.post("/v1/projects", json={"name": "team-c", "quotas": {"max_datasets": 3}}, headers=a)
+    refused = client.post("/v1/projects", json={"name": "team-c", "quotas": {"max_datasets": 0}}, headers=a)
+    assert refused.status_code == 403 and "operator" in refused.json()["detail"]
+    op = {"Authorization": f"Bearer {keys['operator']}"}
+    created = client.post("/v1/projects", json={"name": "team-c", "quotas": {"max_datasets": 3}}, headers=op)
     assert created.status_code == 201
     c_key = created.json()["admin_key"]["key"]
     c = {"Authorization": f"Bearer {c_key}"}
@@ -175,7 +210,8 @@ def test_admin_creates_projects_and_keys_shown_once(world):
     assert client.get("/v1/datasets", headers=c).json() == []
     listed = client.get(f"/v1/projects/{created.json()['project']['id']}/keys", headers=c).json()
     assert len(listed) == 1 and "key" not in listed[0] and c_key.startswith(listed[0]["prefix"])
-    assert client.post("/v1/projects", json={"name": "team-c"}, headers=a).status_code == 409
+    assert client.post("/v1/projects", json={"name": "team-c"}, headers=op).status_code == 409
+    assert client.post("/v1/projects", json={"name": "team-c"}, headers=a).status_code == 403  # not a word on names
 
 
 def test_quota_and_rate_limit_answers(secured):

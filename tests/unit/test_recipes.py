@@ -475,3 +475,13 @@ def test_a_later_job_on_other_images_reuses_the_frozen_backbone(data):
     with torch.no_grad():
         changed.conv_stem.weight.mul_(0.5)
     assert FeatureCache(changed, half, CPU, Recorder()).runner is not first
+
+
+def test_auto_plans_top_tuning_on_a_cpu_only_when_its_folds_and_refit_fit_the_budget():
+    cfg = config(strategy="auto", epochs=None, image_size=224)
+    top = auto.plan_top(cfg, images=400, folds=5, device_type="cpu", seconds_left=1e4)
+    assert top is not None and top.strategy == "fine_tune_top" and top.unfreeze_stages == auto.TOP_STAGES
+    needed = auto.top_seconds(top, 400, 5)
+    assert auto.plan_top(cfg, 400, 5, "cpu", needed - 1) is None  # the same job always makes the same choice
+    assert auto.plan_top(cfg, 400, 5, "cuda", 1e4) is None  # a GPU fine-tunes the whole network instead
+    assert auto.plan_top(config(strategy="auto", cutmix_alpha=1.0), 400, 5, "cpu", 1e4) is None  # no pixels to cut

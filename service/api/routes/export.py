@@ -4,6 +4,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from service.api.auth import TrainCaller
+from service.api.downloads import file_while_key_valid
 from service.api.deps import DatabaseDep, ExporterDep
 from service.datasets.catalog import ready_model, stored_model_errors
 from service.enums import ExportFormat
@@ -23,4 +24,4 @@ def export_model(model_id: str, db: DatabaseDep, exporter: ExporterDep, caller: 
         row = ready_model(session, model_id, caller.project_id)
     with stored_model_errors(row.id):
         path = exporter.export(row, format)
-    return FileResponse(path, media_type="application/zip", filename=f"graft-{row.id}-{format}.zip")
+    return file_while_key_valid(path, db, caller, "application/zip", f"graft-{row.id}-{format}.zip")

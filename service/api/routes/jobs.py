@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from service.api import quotas
-from service.api.auth import TrainCaller
+from service.api.auth import Caller, TrainCaller, still_valid
 from service.datasets.catalog import dataset_for_job, job_or_404
 from service.store.db import Database
 from service.api.deps import DatabaseDep, SessionDep, SettingsDep
@@ -63,13 +63,15 @@ SSE_MAX_S = 3600.0  # then the client reconnects with Last-Event-ID
 @router.get("/{job_id}/events", response_model=list[JobEventOut],
             responses={200: {"content": {"text/event-stream": {}}}})
 def job_events(job_id: str, db: DatabaseDep, caller: TrainCaller,
-               after_id: Annotated[int, Query(ge=0, description="only events after this id")] = 0,
+               after_id: Annotated[int, Query(ge=0, description="only events after this one (its id: the "
+                                                           "event's number within the job)")] = 0,
                accept: Annotated[str, Header()] = "application/json",
                last_event_id: Annotated[int | None, Header(ge=0)] = None):
     """The job's event log (state changes, per-epoch metrics, warnings), oldest first.
 
     With `Accept: text/event-stream` it is a Server-Sent Events stream that follows the job live
-    and closes once the job has ended and every event was sent.
+    and closes once the job has ended and every event was sent, or within a second of its key being
+    revoked (or its project deleted).
     """
     # Short transactions of its own, not the request's session: that one would stay open for the
     # whole stream and, on SQLite, hold the write lock.
@@ -78,14 +80,16 @@ def job_events(job_id: str, db: DatabaseDep, caller: TrainCaller,
         if "text/event-stream" not in accept:
             return [JobEventOut.model_validate(e) for e in JobQueue.events(session, job_id, after_id)]
     start = last_event_id if last_event_id is not None else after_id
-    return StreamingResponse(_event_stream(db, job_id, start), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(db, job_id, start, caller), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _event_stream(db: Database, job_id: str, after_id: int) -> Iterator[str]:
+def _event_stream(db: Database, job_id: str, after_id: int, caller: Caller) -> Iterator[str]:
     started = last_sent = time.monotonic()
     while time.monotonic() - started < SSE_MAX_S:
         with db.session() as s:
+            if not still_valid(s, caller):  # the key was revoked meanwhile: its stream ends with it
+                return
             events = [JobEventOut.model_validate(e) for e in JobQueue.events(s, job_id, after_id)]
             status = JobQueue.status_of(s, job_id)
         for e in events:

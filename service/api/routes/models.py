@@ -3,11 +3,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from service.api import quotas
-from service.api.auth import PredictCaller, TrainCaller
+from service.api.auth import Caller, PredictCaller, RateLimiter, TrainCaller
 from service.datasets.catalog import get_or_404, list_rows, ready_model, stored_model_errors
 from service.api.deps import InferenceDep, ModelCacheDep, RateLimiterDep, ReadSessionDep, SessionDep, SettingsDep
 from service.errors import InvalidInput
-from service.serving.model_cache import predict
+from service.serving.engine import InferenceEngine
+from service.serving.model_cache import ModelCache, predict
+from service.settings import Settings
 from service.api.routes._multipart import require_multipart
 from service.api.schemas import ModelOut, PredictResponse
 from service.store.tables import Model
@@ -33,12 +35,25 @@ def predict_images(model_id: str, caller: PredictCaller, session: ReadSessionDep
                    file: Annotated[list[UploadFile], File(description="one or more images")],
                    top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> PredictResponse:
     """Class probabilities for each uploaded image, in upload order. A job id works once it succeeded."""
+    caller.require_any_model()
+    count_predict(caller, session, settings, limiter)
+    row = ready_model(session, model_id, caller.project_id)
+    return PredictResponse(model_id=row.id, results=predict_files(row, file, top_k, cache, engine, settings))
+
+
+def count_predict(caller: Caller, session, settings: Settings, limiter: RateLimiter) -> None:
+    """The project's predict rate limit: by id and by alias alike."""
     limiter.hit(caller.project_id, "predict",
                 quotas.quota(session, settings, caller.project_id, "predict_rate_per_minute"))
-    row = ready_model(session, model_id, caller.project_id)
+
+
+def predict_files(row: Model, file: list[UploadFile], top_k: int, cache: ModelCache, engine: InferenceEngine,
+                  settings: Settings) -> list[dict]:
+    """What predict by id and by alias share once the model is chosen: the uploads read, the model
+    loaded (from the cache), the results in upload order."""
     if len(file) > settings.max_predict_files:
         raise InvalidInput(f"{len(file)} files sent; at most {settings.max_predict_files} per request")
     files = [(f.filename or f"file{i}", f.file.read()) for i, f in enumerate(file)]
     with stored_model_errors(row.id):
         loaded = cache.get(row)
-    return PredictResponse(model_id=row.id, results=predict(engine, loaded, files, top_k))
+    return predict(engine, loaded, files, top_k)

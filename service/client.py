@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NotRequired, TypedDict
 from urllib.parse import quote
@@ -110,6 +111,18 @@ class AliasMove(TypedDict):
     to_model_id: str | None  # None: deleted
     key_id: str | None
     moved_at: str
+
+
+class BatchPrediction(TypedDict):
+    id: str
+    model_id: str
+    dataset_id: str
+    status: str
+    top_k: int
+    progress: dict  # {"done", "total"}
+    attempts: int
+    error: NotRequired[dict | None]
+    links: dict  # self, results_csv, results_jsonl, job
 
 
 class JobEvent(TypedDict):
@@ -377,9 +390,55 @@ class GraftClient:
     def export_model(self, model_id: str, fmt: ExportFormat, dest: str | Path,
                      progress: Progress | None = None) -> Path:
         """Download the model as a zip (model file + manifest.json) to `dest` (a file or a folder)."""
+        return self._download(f"/v1/models/{model_id}/export", dest, progress, params={"format": fmt})
+
+    # -- batch predictions ------------------------------------------------------------------
+    def create_batch_prediction(self, model_id: str, dataset_id: str | None = None, *,
+                                images: str | Path | None = None, top_k: int = 5) -> BatchPrediction:
+        """Queue a batch prediction over a dataset of the project, or over `images` (a zip, or a
+        folder zipped on the fly); a worker runs it."""
+        path = f"/v1/models/{model_id}/batch-predictions"
+        if images is None:
+            return self._json("POST", path, json={"dataset_id": dataset_id, "top_k": top_k})
+        images = Path(images)
+        with ExitStack() as stack:
+            if images.is_dir():
+                f, name = stack.enter_context(tempfile.TemporaryFile(suffix=".zip")), f"{images.resolve().name}.zip"
+                zip_folder(images, f)
+                f.seek(0)
+            else:
+                f, name = stack.enter_context(open(images, "rb")), images.name
+            return self._json("POST", path, data={"top_k": str(top_k)}, files={"file": (name, f, "application/zip")})
+
+    def get_batch_prediction(self, batch_id: str) -> BatchPrediction:
+        return self._json("GET", f"/v1/batch-predictions/{batch_id}")
+
+    def cancel_batch_prediction(self, batch_id: str) -> BatchPrediction:
+        return self._json("DELETE", f"/v1/batch-predictions/{batch_id}")
+
+    def wait_batch_prediction(self, batch_id: str, timeout_s: float | None = None,
+                              on_progress: Callable[[BatchPrediction], None] | None = None) -> BatchPrediction:
+        """Poll until the batch prediction has ended; `on_progress` sees each state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            batch = self.get_batch_prediction(batch_id)
+            if on_progress:
+                on_progress(batch)
+            if batch["status"] in TERMINAL:
+                return batch
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch prediction {batch_id} is still {batch['status']} after {timeout_s}s")
+            time.sleep(self.poll_interval_s)
+
+    def download_batch_results(self, batch_id: str, dest: str | Path, fmt: str = "csv",
+                               progress: Progress | None = None) -> Path:
+        """Save results.csv or results.jsonl (fmt) to `dest` (a file, or a folder)."""
+        return self._download(f"/v1/batch-predictions/{batch_id}/results.{fmt}", dest, progress)
+
+    def _download(self, path: str, dest: str | Path, progress: Progress | None, **kwargs) -> Path:
+        """Stream a file the API serves to `dest` (a folder: the server's file name in it)."""
         dest = Path(dest)
-        with self._http.stream("GET", f"/v1/models/{model_id}/export", params={"format": fmt},
-                               timeout=httpx.Timeout(30.0, read=600.0)) as resp:
+        with self._http.stream("GET", path, timeout=httpx.Timeout(30.0, read=600.0), **kwargs) as resp:
             if resp.is_error:
                 resp.read()
                 raise _api_error(resp)

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         'networks webhooks may reach even when private, as JSON: GRAFT_WEBHOOK_ALLOWED_NETWORKS=\'["10.1.2.0/24"]\''))
     webhook_dispatcher_in_api: bool = Field(True, description="the API process delivers webhooks (a thread)")
     webhook_poll_s: float = Field(0.2, gt=0, description="how often the dispatcher looks for due deliveries")
-    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="per request to a receiver (connect to answer)")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description=(
+        "per phase of a request to a receiver: connecting, sending, waiting for the answer"))
     webhook_max_attempts: int = Field(8, ge=1, le=50, description="then the delivery is marked failed")
     webhook_backoff_s: float = Field(10.0, ge=0, description=(
         "the first retry's delay; doubled for each further one, with jitter, up to webhook_max_backoff_s"))

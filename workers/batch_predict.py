@@ -21,10 +21,11 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -64,7 +65,7 @@ def images_to_predict(session, dataset_id: str) -> list[tuple[str, str]]:
         .where(DatasetImage.dataset_id == dataset_id).order_by(DatasetImage.id))]
 
 
-def run_batch_prediction(worker: "Worker", claim: "Claim", control: "LeaseControl") -> None:
+def run_batch_prediction(worker: Worker, claim: Claim, control: LeaseControl) -> None:
     """Predict the claim's dataset with its model and mark the job succeeded (raises StopJob, JobError)."""
     settings = worker.settings
     with worker.db.session() as s:
@@ -80,7 +81,7 @@ def run_batch_prediction(worker: "Worker", claim: "Claim", control: "LeaseContro
                                      {"kind": "resumed", "done": out.done})
     engine = InferenceEngine(str(worker.device), settings.predict_max_batch, settings.predict_batch_window_ms,
                              settings.torch_threads, parallel=settings.predict_parallel).start()
-    step = settings.batch_predict_step or max(MIN_STEP, engine.max_batch)
+    step = step_size(settings, engine)
     steps = [images[i:i + step] for i in range(out.done, len(images), step)]
     started, first = time.monotonic(), out.done
     try:
@@ -93,8 +94,8 @@ def run_batch_prediction(worker: "Worker", claim: "Claim", control: "LeaseContro
                 control.stop_if_asked()
     except BaseException as exc:
         out.close()
-        if isinstance(exc, StopJob) and exc.reason == "cancel":
-            shutil.rmtree(out.folder, ignore_errors=True)  # nobody can download a cancelled job's results
+        if isinstance(exc, JobError) or (isinstance(exc, StopJob) and exc.reason == "cancel"):
+            shutil.rmtree(out.folder, ignore_errors=True)  # no retry will resume, nobody can download them
         raise
     finally:
         engine.stop()
@@ -105,6 +106,11 @@ def run_batch_prediction(worker: "Worker", claim: "Claim", control: "LeaseContro
     else:
         log.warning("lease lost before finishing batch prediction %s", claim.job_id,
                     extra={"action": "publish_lost"})
+
+
+def step_size(settings: Settings, engine: InferenceEngine) -> int:
+    """Images per step: the setting, else the engine's batch but at least MIN_STEP."""
+    return settings.batch_predict_step or max(MIN_STEP, engine.max_batch)
 
 
 def _progress(done: int, total: int) -> dict:
@@ -120,7 +126,7 @@ def _load_model(settings: Settings, row: Model) -> LoadedModel:
         raise JobError("model_unusable", f"model {row.id}'s stored file is missing; retrain it") from None
 
 
-def _predicted_steps(engine: InferenceEngine, model: LoadedModel, worker: "Worker", steps: list[list],
+def _predicted_steps(engine: InferenceEngine, model: LoadedModel, worker: Worker, steps: list[list],
                      top_k: int) -> Iterator[list[dict]]:
     """Each step's predictions, in order, with the next steps already reading and predicting (one
     per engine thread and one more), so the engine never waits for the files between steps."""
@@ -138,7 +144,7 @@ def _predicted_steps(engine: InferenceEngine, model: LoadedModel, worker: "Worke
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _predict_step(engine: InferenceEngine, model: LoadedModel, worker: "Worker", batch: list[tuple[str, str]],
+def _predict_step(engine: InferenceEngine, model: LoadedModel, worker: Worker, batch: list[tuple[str, str]],
                   top_k: int) -> list[dict]:
     files = [(name, worker.blobs.read(sha)) for name, sha in batch]
     try:
@@ -150,7 +156,7 @@ def _predict_step(engine: InferenceEngine, model: LoadedModel, worker: "Worker",
 class ResultFiles:
     """This attempt's results.jsonl and results.csv, appended step by step, resumed from a checkpoint."""
 
-    def __init__(self, settings: Settings, claim: "Claim", top_k: int, resume: dict | None):
+    def __init__(self, settings: Settings, claim: Claim, top_k: int, resume: dict | None):
         self.settings, self.top_k = settings, top_k
         self.folder = settings.batch_results_dir / claim.job_id
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,12 @@ if TYPE_CHECKING:  # by name only: auth and observability take their own depende
     from service.api.observability import Metrics
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def app_state(name: str):
+    """The dependency that hands a route `app.state.<name>`, made once at start by create_app."""
+    async def get(request: Request):
+        return getattr(request.app.state, name)
+    get.__name__ = f"app_state_{name}"
+    return get
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -39,52 +43,15 @@ def get_read_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-async def get_blobs(request: Request) -> BlobStore:
-    return request.app.state.blobs
-
-
-async def get_model_cache(request: Request) -> ModelCache:
-    return request.app.state.model_cache
-
-
-async def get_rate_limiter(request: Request) -> "RateLimiter":
-    return request.app.state.rate_limiter
-
-
-async def get_inference_engine(request: Request) -> InferenceEngine:
-    return request.app.state.inference
-
-
-async def get_database(request: Request) -> Database:
-    return request.app.state.db
-
-
-async def get_queue(request: Request) -> JobQueue:
-    return request.app.state.queue
-
-
-async def get_exporter(request: Request) -> Exporter:
-    return request.app.state.exporter
-
-
-async def get_metrics(request: Request) -> "Metrics":
-    return request.app.state.metrics
-
-
-async def get_schema_heads(request: Request) -> set[str]:
-    """The migration heads this Graft needs, read once at start."""
-    return request.app.state.schema_heads
-
-
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SettingsDep = Annotated[Settings, Depends(app_state("settings"))]
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
-BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
-ModelCacheDep = Annotated[ModelCache, Depends(get_model_cache)]
-RateLimiterDep = Annotated["RateLimiter", Depends(get_rate_limiter)]
-InferenceDep = Annotated[InferenceEngine, Depends(get_inference_engine)]
-DatabaseDep = Annotated[Database, Depends(get_database)]  # for routes that need their own short transactions
-QueueDep = Annotated[JobQueue, Depends(get_queue)]
-ExporterDep = Annotated[Exporter, Depends(get_exporter)]
-MetricsDep = Annotated["Metrics", Depends(get_metrics)]
-SchemaHeadsDep = Annotated[set[str], Depends(get_schema_heads)]
+BlobsDep = Annotated[BlobStore, Depends(app_state("blobs"))]
+ModelCacheDep = Annotated[ModelCache, Depends(app_state("model_cache"))]
+RateLimiterDep = Annotated["RateLimiter", Depends(app_state("rate_limiter"))]
+InferenceDep = Annotated[InferenceEngine, Depends(app_state("inference"))]
+DatabaseDep = Annotated[Database, Depends(app_state("db"))]  # for routes that need their own short transactions
+QueueDep = Annotated[JobQueue, Depends(app_state("queue"))]
+ExporterDep = Annotated[Exporter, Depends(app_state("exporter"))]
+MetricsDep = Annotated["Metrics", Depends(app_state("metrics"))]
+SchemaHeadsDep = Annotated[set[str], Depends(app_state("schema_heads"))]  # the migration heads this Graft needs

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.enums import JobStatus, Scope
+from service.enums import JobKind, JobStatus, Scope
 from service.webhooks.events import DeliveryStatus, WebhookEvent
 from workers.config import TrainConfig
 
@@ -160,6 +160,7 @@ class JobOut(Out):
     attempt_history: list[dict]
     checkpoint_epoch: int | None = Field(None, description="last epoch checkpointed; a retry resumes after it")
     dataset_version: int | None = Field(None, description="the version of the dataset the job trains on")
+    kind: JobKind = Field(JobKind.train, description="train, or batch_predict (see /v1/batch-predictions/{id})")
 
     @classmethod
     def of(cls, job) -> "JobOut":

@@ -310,6 +310,44 @@ def predict(ctx: typer.Context,
     out.print(table)
 
 
+@app.command("predict-batch")
+def predict_batch(ctx: typer.Context,
+                  model_id: Annotated[str, typer.Argument(metavar="MODEL", help="a model id, or the id of a finished job")],
+                  dataset_id: Annotated[Optional[str], typer.Argument(metavar="[DATASET_ID]",
+                                                                      help="a dataset of the project to predict")] = None,
+                  images: Annotated[Optional[Path], typer.Option("--zip", exists=True, help=(
+                      "a zip of images, or a folder (zipped on the fly), instead of a dataset"))] = None,
+                  top_k: Annotated[int, typer.Option(help="labels per image")] = 5,
+                  watch: Annotated[bool, typer.Option("--watch", help="follow its progress until it ends")] = False,
+                  output: Annotated[Optional[Path], typer.Option("--out", "-o", help=(
+                      "save the results here once it succeeds (implies --watch); .jsonl gives JSON lines, "
+                      "anything else CSV"))] = None,
+                  as_json: JsonOpt = False):
+    """Predict every image of a dataset or a zip on a worker, as a job; results as CSV or JSON lines."""
+    if (dataset_id is None) == (images is None):
+        err.print("give either a DATASET_ID or --zip FILE")
+        raise typer.Exit(2)
+    with _client(ctx) as client:
+        batch = client.create_batch_prediction(model_id, dataset_id, images=images, top_k=top_k)
+        if watch or output:
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=err, disable=as_json) as progress:
+                task = progress.add_task(f"batch {batch['id'][:8]}", total=batch["progress"]["total"])
+                batch = client.wait_batch_prediction(batch["id"], on_progress=lambda b: progress.update(
+                    task, completed=b["progress"]["done"], description=f"batch {b['id'][:8]} {b['status']}"))
+        if output and batch["status"] == JobStatus.succeeded:
+            client.download_batch_results(batch["id"], output, "jsonl" if output.suffix == ".jsonl" else "csv")
+    if as_json:
+        return _print_json(batch)
+    done = batch["progress"]
+    out.print(f"batch prediction {batch['id']}: {_status(batch['status'])}, {done['done']}/{done['total']} images"
+              + (f"; results in {output}" if output and batch["status"] == JobStatus.succeeded else ""))
+    if batch.get("error"):
+        err.print(f"{batch['error']['code']}: {batch['error']['message']}")
+    if batch["status"] in (JobStatus.failed, JobStatus.cancelled):
+        raise typer.Exit(1)
+
+
 @models_app.command("list")
 def models_list(ctx: typer.Context, as_json: JsonOpt = False):
     """Trained models, newest first."""

@@ -5,7 +5,7 @@
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const MAX_STREAMS = 3;
 const state = {
-  datasets: [], jobs: [], models: [],
+  datasets: [], jobs: [], models: [], aliases: [],
   history: {},         // job id -> [{epoch, epochs, train_loss, val_loss, val_accuracy}]
   followed: new Set(), // job ids whose events we are reading (stream or polling)
   historyLoaded: new Set(), // ended job ids whose epochs were read from the event log
@@ -376,13 +376,18 @@ function drawCurves(canvas, history) {
 }
 
 // -- models -----------------------------------------------------------------------------------
+// The aliases pointing at a model, as "prod, staging".
+const aliasesOf = (modelId) => state.aliases.filter((a) => a.model_id === modelId).map((a) => a.name).join(", ");
+
 async function refreshModels() {
-  state.models = await api("/v1/models");
+  [state.models, state.aliases] = await Promise.all([api("/v1/models"), api("/v1/aliases")]);
   $("#models").replaceChildren(...state.models.map((m) =>
     el("div", { class: `card model${m.id === state.selectedModel ? " selected" : ""}`, "data-id": m.id,
                 "data-testid": "model", onclick: () => selectModel(m.id) },
       el("b", {}, `${m.backbone} · ${m.recipe.strategy}`), " ", el("span", { class: "id" }, m.id),
-      el("div", { class: "stats" }, `val accuracy ${fmt(m.metrics.val_accuracy)} · classes ${m.classes.join(", ")}`))));
+      el("div", { class: "stats" }, `val accuracy ${fmt(m.metrics.val_accuracy)} · classes ${m.classes.join(", ")}`),
+      aliasesOf(m.id) && el("div", { class: "stats", "data-testid": "model-aliases" }, `aliases: ${aliasesOf(m.id)}`))));
+  if (state.selectedModel) showModelAliases(state.selectedModel);
   if (!state.selectedModel && state.models.length) selectModel(state.models[0].id);
 }
 
@@ -417,6 +422,25 @@ async function selectModel(modelId) {
     el("a", { href: `/v1/models/${m.id}/export?format=${f}`, download: "", style: "margin-right:12px" }, f)),
     el("span", { class: "stats" }, " (a zip: the model file, manifest.json with the preprocessing, USAGE.md)"));
   $("#predict-results").replaceChildren();
+  showModelAliases(m.id);
+}
+
+function showModelAliases(modelId) {
+  const names = aliasesOf(modelId);
+  $("#model-aliases").textContent = names ? `now: ${names}` : "";
+}
+
+// "Promote to …": point an alias at the selected model (the server loads it before the switch).
+async function promoteModel(event) {
+  event.preventDefault();
+  const name = $("#promote-alias").value.trim();
+  if (!state.selectedModel || !name) return;
+  try {
+    await api(`/v1/aliases/${encodeURIComponent(name)}`, {
+      method: "PUT", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model_id: state.selectedModel }) });
+    await refreshModels();
+  } catch (e) { showError(e); }
 }
 
 async function predictFiles(files) {
@@ -450,6 +474,7 @@ document.addEventListener("DOMContentLoaded", () => {
   dropzone($("#upload-form"), (files) => chooseUpload(files[0]));
   $("#upload-form").addEventListener("submit", uploadDataset);
   $("#train-form").addEventListener("submit", startJob);
+  $("#promote-form").addEventListener("submit", promoteModel);
   $("#predict-file").addEventListener("change", (e) => predictFiles([...e.target.files]));
   dropzone($("#predict-drop"), predictFiles);
   loadTrainForm().catch(showError);

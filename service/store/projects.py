@@ -83,7 +83,7 @@ def _delete_other_owned_rows(session: Session, project_id: str) -> None:
 
 
 def remove_files(settings: Settings, blobs: BlobStore, deleted: Deleted) -> None:
-    """The deleted project's files: unshared blobs, model artifacts, their exports, checkpoints."""
+    """The deleted project's files: unshared blobs, model artifacts, their exports, checkpoints, batch results."""
     for sha in deleted.blobs:
         blobs.path(sha).unlink(missing_ok=True)
     for relative in deleted.model_dirs:
@@ -93,6 +93,7 @@ def remove_files(settings: Settings, blobs: BlobStore, deleted: Deleted) -> None
             zip_file.unlink(missing_ok=True)
     for job_id in deleted.job_ids:
         _remove_tree(checkpoint_dir(settings, job_id), settings.checkpoints_dir)
+        _remove_tree(settings.batch_results_dir / job_id, settings.batch_results_dir)  # batch predictions' results
 
 
 def _remove_tree(path: Path, inside: Path) -> None:

@@ -28,7 +28,7 @@ class AddressPolicy:
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def of(cls, settings) -> "AddressPolicy":
+    def of(cls, settings) -> AddressPolicy:
         return cls(settings.webhook_allow_private,
                    tuple(ipaddress.ip_network(str(net)) for net in settings.webhook_allowed_networks))
 

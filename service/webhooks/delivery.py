@@ -27,7 +27,10 @@ class Outcome:
 
 def new_client() -> httpx.Client:
     # trust_env=False: a proxy from the environment would connect to names we never checked.
-    return httpx.Client(follow_redirects=False, trust_env=False, headers={"User-Agent": USER_AGENT})
+    # No kept-alive connections: the pool knows them by IP, so one opened with another name's TLS
+    # (SNI, certificate) could be reused for a receiver on the same address.
+    return httpx.Client(follow_redirects=False, trust_env=False, headers={"User-Agent": USER_AGENT},
+                        limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def send(client: httpx.Client, url: str, *, secret: str, body: str, headers: dict[str, str],

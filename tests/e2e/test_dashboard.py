@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import pytest
 from PIL import Image, ImageStat
 
@@ -123,7 +124,7 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     assert_not_blank(page.screenshot(path=str(tmp_path / "1-uploaded.png"), full_page=True))
 
     # 2. The form's choices and defaults are the API's (TrainConfig, read from /openapi.json).
-    page.wait_for_selector("#train-strategy option")
+    page.wait_for_selector("#train-strategy option", state="attached")  # an <option> is never "visible"
     assert page.input_value("#train-strategy") == TrainConfig.model_fields["strategy"].default
     assert page.input_value("#train-backbone") == TrainConfig.model_fields["backbone"].default
     assert page.get_attribute("#train-batch-size", "placeholder") == str(TrainConfig.model_fields["batch_size"].default)
@@ -160,6 +161,14 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     assert len(labels) == 2 and set(labels) <= {"ants", "bees"}
     full = assert_not_blank(page.screenshot(path=str(tmp_path / "3-predicted.png"), full_page=True))
     assert full.size[1] > 800
+
+    # 5. "Promote to …": the model's card and detail then name the alias, which the API points at it.
+    page.fill("#promote-alias", "prod")
+    page.click("#promote-submit")
+    page.wait_for_selector("#model-aliases:has-text('prod')")
+    assert "aliases: prod" in page.query_selector(".model.selected").inner_text()
+    model_id = page.get_attribute("#model-detail", "data-model-id")
+    assert httpx.get(f"{url}/v1/aliases/prod").json()["model_id"] == model_id
     assert page.errors == [], page.errors
     shots = os.environ.get("GRAFT_SCREENSHOTS_DIR")
     if shots:  # keep them for a person to look at

@@ -2,6 +2,7 @@
 under concurrent predicts, keys limited to aliases, other projects' aliases, bad names and models."""
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from service.api.auth import create_key, create_project
 from service.app import create_app
+from service.client import GraftClient
 from service.serving.model_cache import ModelCache
 from service.settings import Settings
 from service.store.db import Database
@@ -96,7 +98,7 @@ def test_move_get_list_delete_and_history(world):
 
 
 def test_predict_by_alias_names_the_model_and_answers_as_by_id(world):
-    c, (m1, m2) = world["c"]["alpha-predict"], world["models"]
+    c, m2 = world["c"]["alpha-predict"], world["models"][1]
     world["c"]["alpha-train"].put("/v1/aliases/named", json={"model_id": m2})
     by_alias, by_id = predict(c, "/v1/aliases/named/predict"), predict(c, f"/v1/models/{m2}/predict")
     assert by_alias.status_code == 200, by_alias.text
@@ -249,3 +251,114 @@ def test_cli_promotes_lists_and_shows_history(world):
     refused = runner.invoke(cli.app, ["models", "promote", m1, "no/slash"], env=env)
     assert refused.exit_code != 0 and refused.exception.status == 422  # `graft` prints its detail
     assert "lowercase letters" in refused.exception.detail
+
+    settings = world["settings"]
+    server_env = {"GRAFT_DATABASE_URL": settings.database_url, "GRAFT_DATA_DIR": str(settings.data_dir)}
+    create = ["keys", "create", "--project", "alpha", "--scope", "predict", "--alias"]
+    made = runner.invoke(cli.app, [*create, "cli-prod"], env=server_env)
+    assert made.exit_code == 0, made.output
+    key = made.stdout.strip().splitlines()[-1]
+    with httpx.Client(base_url=env["GRAFT_URL"], headers={"Authorization": f"Bearer {key}"}, timeout=60) as limited:
+        assert predict(limited, "/v1/aliases/cli-prod/predict").json()["model_id"] == m2
+        assert predict(limited, f"/v1/models/{m2}/predict").status_code == 403
+    with GraftClient(env["GRAFT_URL"], key) as client:  # what `graft` and scripts use
+        answer = client.predict_alias("cli-prod", [hymenoptera_files("val", "ants")[0]])
+    assert answer["alias"] == "cli-prod" and answer["model_id"] == m2 and len(answer["results"]) == 1
+    missing = runner.invoke(cli.app, [*create, "cli-nope"], env=server_env)
+    assert missing.exit_code != 0 and "no alias named 'cli-nope'" in missing.output
+
+
+def test_migration_0006_matches_the_tables_and_goes_both_ways(any_db_settings):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine, inspect
+
+    from service.store.db import Base
+    from service.store.migrate import alembic_config
+
+    engine = create_engine(any_db_settings.database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    mine = [d for d in diffs if any(n in repr(d) for n in ("model_alias", "alias_move", "'aliases'"))]
+    assert not mine, mine
+    cfg = alembic_config(any_db_settings.database_url)
+    command.downgrade(cfg, "0005_tenants")
+    tables = inspect(engine).get_table_names()
+    assert "model_alias" not in tables and "alias_move" not in tables
+    assert "aliases" not in [c["name"] for c in inspect(engine).get_columns("api_key")]
+    command.upgrade(cfg, "heads")
+    assert {"model_alias", "alias_move"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_concurrent_moves_of_one_alias_keep_a_consistent_history(any_db_settings):
+    """Threads moving one alias at once on a real database: each move is one history row whose
+    `from` is the previous row's `to` (none lost or interleaved); a lost creation race is a 409."""
+    from service.errors import Conflict
+    from service.store import aliases
+    from service.store.tables import Dataset, Job, Model
+
+    db = Database(any_db_settings.database_url)
+    with db.session() as s:
+        ids = []
+        s.add(Dataset(id="d", name="d", classes=[], class_counts={}, split_counts={}, num_images=0,
+                      has_val_split=False, rejected=[]))
+        for n in range(3):
+            s.add(Job(id=f"j{n}", dataset_id="d", config={}))
+            s.flush()
+            s.add(Model(id=f"m{n}", job_id=f"j{n}", dataset_id="d", backbone="b", classes=[], metrics={},
+                        recipe={}, artifact_dir="x", sha256="0" * 64, size_bytes=1))
+            ids.append(f"m{n}")
+    outcomes = []
+
+    def mover(n: int) -> None:
+        for i in range(6):
+            try:
+                with db.session() as s:
+                    aliases.move(s, "default", "race", s.get(Model, ids[(n + i) % 3]), None)
+                outcomes.append("moved")
+            except Conflict:
+                outcomes.append("conflict")
+
+    threads = [threading.Thread(target=mover, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with db.session() as s:
+        moves = aliases.history(s, "default", "race")
+        final = aliases.find(s, "default", "race").model_id
+    db.dispose()
+    assert len(outcomes) == 18 and outcomes.count("conflict") <= 2  # only the first moves can race
+    assert moves[0].from_model_id is None
+    assert all(a.to_model_id == b.from_model_id for a, b in itertools.pairwise(moves))
+    assert moves[-1].to_model_id == final
+
+
+def test_deleting_a_project_removes_its_aliases_and_their_history(any_db_settings):
+    """An alias points at a model by a foreign key: the project goes in one transaction regardless."""
+    from service.store import aliases
+    from service.store.projects import delete_project_rows
+    from service.store.tables import AliasMove, Dataset, Job, Model, ModelAlias, Project
+
+    db = Database(any_db_settings.database_url)
+    with db.session() as s:
+        for name in ("gone", "kept"):
+            pid = create_project(s, name).id
+            s.add(Dataset(id=f"d-{name}", project_id=pid, name="d", classes=[], class_counts={}, split_counts={},
+                          num_images=0, has_val_split=False, rejected=[]))
+            s.add(Job(id=f"j-{name}", project_id=pid, dataset_id=f"d-{name}", config={}))
+            s.flush()
+            model = Model(id=f"m-{name}", project_id=pid, job_id=f"j-{name}", dataset_id=f"d-{name}", backbone="b",
+                          classes=[], metrics={}, recipe={}, artifact_dir="x", sha256="0" * 64, size_bytes=1)
+            s.add(model)
+            s.flush()
+            aliases.move(s, pid, "prod", model, None)
+    with db.session() as s:
+        delete_project_rows(s, s.scalar(select(Project).where(Project.name == "gone")))
+    with db.session() as s:
+        left = [(a.project_id, a.name) for a in s.scalars(select(ModelAlias))]
+        moves = s.scalars(select(AliasMove.to_model_id)).all()
+    db.dispose()
+    assert len(left) == 1 and moves == ["m-kept"]

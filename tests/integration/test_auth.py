@@ -19,7 +19,7 @@ from service.app import create_app
 from service.api.auth import auth_is_open, check_exposure, create_key, create_project
 from service.store.db import Database
 from service.settings import Settings
-from service.store.tables import ApiKey, Dataset, DatasetImage, Job, JobEvent, Model
+from service.store.tables import ApiKey, Dataset, DatasetImage, Job, JobEvent, Model, ModelAlias
 from tests.support.data import subset_zip
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/"}
@@ -65,8 +65,9 @@ def world(secured):
             s.add(model)
             s.flush()
             model_id = model.id
+            s.add(ModelAlias(project_id=keys["b-project"], name="b-live", model_id=model_id))
         ids = {"dataset_id": ds["id"], "job_id": job["id"], "model_id": model_id, "image_id": image,
-               "project_id": keys["b-project"], "key_id": keys["b-admin-id"]}
+               "project_id": keys["b-project"], "key_id": keys["b-admin-id"], "name": "b-live"}
         yield client, keys, ids, db
     db.dispose()
 
@@ -103,6 +104,8 @@ def request_kwargs(method: str, path: str, ids: dict) -> dict:
         return {"json": {"name": "intruder", "scope": "admin"}}
     if path == "/v1/projects" and method == "POST":
         return {"json": {"name": "another"}}
+    if path == "/v1/aliases/{name}" and method == "PUT":
+        return {"json": {"model_id": ids["model_id"]}}
     if path == "/v1/projects/{project_id}" and method == "PATCH":
         return {"json": {"quotas": {"max_datasets": 0}}}
     return {}

@@ -135,6 +135,15 @@ def test_other_projects_batches_and_datasets_are_not_found(trained):
                         headers=stranger), 404)
     # A training job is not a batch prediction, even in its own project.
     problem(client.get(f"/v1/batch-predictions/{job['id']}"), 404)
+    # A predict key limited to aliases may not predict by model id, in batches either.
+    assert client.put("/v1/aliases/batch-prod", json={"model_id": job["model_id"]}).status_code in (200, 201)
+    db = Database(settings.database_url)
+    with db.session() as s:
+        _, limited = create_key(s, "default", "app", "predict", aliases=["batch-prod"])
+    db.dispose()
+    refused = problem(client.post(f"/v1/models/{job['model_id']}/batch-predictions", json={"dataset_id": dataset["id"]},
+                                  headers={"Authorization": f"Bearer {limited}"}), 403)
+    assert "only through the alias" in refused["detail"]
 
 
 @pytest.mark.parametrize("body, status, says", [
@@ -169,35 +178,98 @@ def test_bad_models_and_uploads_are_refused(trained):
     problem(client.post(url, content=b"dataset_id=x", headers={"content-type": "text/plain"}), 415)
 
 
+@pytest.mark.e2e
 def test_a_worker_killed_mid_batch_is_resumed_and_every_image_is_written_once(trained):
-    """A real `graft worker` predicting one image per step is SIGKILLed after some checkpoints;
-    another resumes from the last one: every image once, in order, attempt 2 after the checkpoint."""
+    """Two real `graft worker`s, predicting one image per step: the one running the batch is
+    SIGKILLed after some checkpoints and the other resumes from the last one: every image once,
+    in order, the second attempt going on from the checkpoint."""
     settings, client, _, job = trained
     files = [p for split in ("train", "val") for label in ("ants", "bees") for p in hymenoptera_files(split, label)[:25]]
-    created = client.post(f"/v1/models/{job['model_id']}/batch-predictions",
-                          files={"file": ("many.zip", make_zip({f"{i:03d}-{p.name}": p.read_bytes()
-                                                                for i, p in enumerate(files)}))}).json()
     workers = Workers(settings)
-    slow = {"GRAFT_BATCH_PREDICT_STEP": "1", "GRAFT_PREDICT_PARALLEL": "1"}
     try:
-        victim = workers.start(**slow)
-        deadline = time.monotonic() + 90
+        # Both start now (most of this test is their start-up): whichever claims the batch is killed.
+        procs = {proc.pid: proc for proc in (workers.start(**SLOW) for _ in range(2))}
+        deadline = time.monotonic() + 120
+        while len(client.get("/v1/workers").json()) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        created = client.post(f"/v1/models/{job['model_id']}/batch-predictions",
+                              files={"file": ("many.zip", make_zip({f"{i:03d}-{p.name}": p.read_bytes()
+                                                                    for i, p in enumerate(files)}))}).json()
         while (client.get(f"/v1/jobs/{created['id']}").json()["checkpoint_epoch"] or 0) < 10:
-            assert time.monotonic() < deadline and victim.poll() is None, "no checkpoint was recorded"
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, "no checkpoint was recorded"
+            time.sleep(0.1)
+        running = [e for e in client.get(f"/v1/jobs/{created['id']}/events").json()
+                   if e["data"].get("status") == "running"]
+        victim = procs[int(running[0]["data"]["worker_id"].split(":")[1])]  # host:pid:suffix
         victim.kill()
         victim.wait(30)
-        killed_at = client.get(created["links"]["self"]).json()["progress"]["done"]
+        killed_at = client.get(f"/v1/jobs/{created['id']}").json()["checkpoint_epoch"]  # images checkpointed
         assert killed_at < len(files), "the batch finished before the kill: make it slower"
-        workers.start(**slow)
         batch = wait_status(client, created["id"], ("succeeded", "failed"), timeout=120)
     finally:
         workers.stop_all()
     assert batch["status"] == "succeeded" and batch["attempts"] == 2, batch
     events = client.get(f"/v1/jobs/{created['id']}/events").json()
     resumed = [e["data"]["done"] for e in events if e["kind"] == "resumed"]
-    assert len(resumed) == 1 and 10 <= resumed[0] <= killed_at, resumed
+    assert resumed == [killed_at], f"the retry must go on from the checkpoint at {killed_at}: {resumed}"
     rows = jsonl_rows(client, created["id"])
     assert [r["image"] for r in rows] == [f"{i:03d}-{p.name}" for i, p in enumerate(files)]
     table = list(csv.reader(io.StringIO(client.get(created["links"]["results_csv"]).text)))
     assert [r[0] for r in table] == ["image", *(r["image"] for r in rows)]
+
+
+SLOW = {"GRAFT_BATCH_PREDICT_STEP": "1", "GRAFT_PREDICT_PARALLEL": "1"}  # a step (and checkpoint) per image
+
+
+def test_cli_predict_batch_watches_and_saves_the_results(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from service import cli
+    from service.app import create_app
+    from tests.support.live import uvicorn_thread
+
+    settings, client, _, job = trained
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for p in hymenoptera_files("val", "bees")[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    worker = threading.Thread(target=Worker(settings).run, kwargs={"max_jobs": 1}, daemon=True)
+    worker.start()
+    with uvicorn_thread(create_app(settings)) as url:
+        result = CliRunner().invoke(cli.app, ["predict-batch", job["model_id"], "--zip", str(folder), "--top-k", "1",
+                                              "--out", str(tmp_path / "out.jsonl")], env={"GRAFT_URL": url})
+    worker.join(60)
+    assert result.exit_code == 0, result.output
+    assert "succeeded, 2/2 images" in result.output
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == sorted(p.name for p in hymenoptera_files("val", "bees")[:2])
+    refused = CliRunner().invoke(cli.app, ["predict-batch", job["model_id"]], env={"GRAFT_URL": "http://127.0.0.1:9"})
+    assert refused.exit_code == 2 and "either a DATASET_ID or --zip" in refused.output
+
+
+def test_migration_0008_goes_both_ways_and_claims_say_the_kind(any_db_settings, db):
+    from alembic import command
+    from sqlalchemy import create_engine, inspect
+
+    from service.store.migrate import alembic_config
+    from service.store.queue import JobQueue
+    from service.store.tables import Dataset
+
+    engine = create_engine(any_db_settings.database_url.replace("postgresql://", "postgresql+psycopg://"))
+    cfg = alembic_config(any_db_settings.database_url)
+    command.downgrade(cfg, "0007_webhooks")
+    assert not {"kind", "source_model_id"} & {c["name"] for c in inspect(engine).get_columns("job")}
+    command.upgrade(cfg, "heads")
+    assert {"kind", "source_model_id"} <= {c["name"] for c in inspect(engine).get_columns("job")}
+    engine.dispose()
+    with db.session() as s:
+        s.add(Dataset(id="d", name="d", classes=[], class_counts={}, split_counts={}, num_images=0,
+                      has_val_split=False, rejected=[]))
+        s.flush()
+        JobQueue.enqueue(s, dataset_id="d", config={}, max_attempts=1)
+        JobQueue.enqueue(s, dataset_id="d", config={"top_k": 1}, max_attempts=1, kind="batch_predict",
+                         source_model_id="m1")
+    queue = JobQueue(db, stale_after_s=5)
+    claims = [queue.claim("w"), queue.claim("w")]
+    assert [(c.kind, c.source_model_id) for c in claims] == [("train", None), ("batch_predict", "m1")]

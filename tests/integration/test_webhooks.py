@@ -3,6 +3,7 @@ redirecting receivers are retried or refused without touching the job; inside ad
 refused before any connection; one project never sees another's webhooks."""
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -13,13 +14,15 @@ from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from service.api.auth import create_key, create_project
 from service.app import create_app
-from service.settings import Settings
 from service.store.db import Database
 from service.store.queue import JobQueue
+from service.store.tables import WebhookDelivery
 from service.webhooks import store
+from service.webhooks.delivery import Outcome
 from service.webhooks.outbox import enqueue_event
 from service.webhooks.signing import SIGNATURE_HEADER, sign, verify_signature
 from tests.support.data import subset_zip
@@ -146,7 +149,7 @@ def test_real_job_end_is_delivered_signed_and_bad_receivers_are_retried_without_
         tries = delivery["attempts"]
         assert [a["status_code"] for a in tries] == [500, 500, 500] and len(receiver.on("/fail")) == 3
         assert all(a["next_retry_at"] for a in tries[:-1]) and tries[-1]["next_retry_at"] is None
-        gaps = [at(b["started_at"]) - at(a["started_at"]) for a, b in zip(tries, tries[1:])]
+        gaps = [at(b["started_at"]) - at(a["started_at"]) for a, b in itertools.pairwise(tries)]
         assert gaps[0] >= 0.05 and gaps[1] >= 0.1  # base 0.1 s, doubled, jitter in [half, all]
         # A receiver slower than the timeout: the attempt ends at the timeout, is retried, then fails.
         (delivery,) = wait_settled(client, slow["id"])
@@ -177,7 +180,8 @@ def test_cancelled_and_failed_jobs_send_their_events(settings, receiver):
         assert next(e for e in events if e["event"] == "job.failed")["data"]["error_code"] == "bad_data"
 
 
-def test_inside_addresses_are_refused_at_registration_and_after_a_redirect_before_connecting(settings, receiver):
+def test_inside_addresses_are_refused_at_registration_and_after_a_redirect_before_connecting(settings, receiver,
+                                                                                          caplog):
     # Only the receiver's own address is allowed: every other inside address stays refused.
     s = settings.model_copy(update={"webhook_allowed_networks": ["127.0.0.1/32"], **FAST})
     with receiving("127.0.0.2") as elsewhere, TestClient(create_app(s)) as client:
@@ -196,12 +200,15 @@ def test_inside_addresses_are_refused_at_registration_and_after_a_redirect_befor
             assert delivery["status"] == "failed" and attempt["error"].startswith("refused"), (target, attempt)
             assert attempt["status_code"] == 302 or "resolves to" in attempt["error"]
         assert elsewhere.requests == []  # 127.0.0.2 was never connected to
+        refusals = [r for r in caplog.records if r.name == "graft.webhooks" and "refused" in r.getMessage()]
+        assert len(refusals) == len(redirected)
 
 
 @pytest.mark.parametrize("body, complaint", [
     ({"url": "ftp://example.com/x", "events": ["job.failed"]}, "http:// or https://"),
     ({"url": "example.com/hook", "events": ["job.failed"]}, "http:// or https://"),
-    ({"url": "https://example.com/x", "events": ["job.done"]}, "'job.succeeded', 'job.failed', 'job.cancelled' or 'alias.moved'"),
+    ({"url": "https://example.com/x", "events": ["job.done"]},
+     "'job.succeeded', 'job.failed', 'job.cancelled' or 'alias.moved'"),
     ({"url": "https://example.com/x", "events": []}, "at least 1"),
     ({"url": "http://localhost:8080/x", "events": ["job.failed"]}, "is a loopback address"),
     ({"url": "http://127.0.0.1/", "events": ["job.failed"]}, "public addresses only"),
@@ -239,7 +246,7 @@ def test_two_dispatchers_never_claim_one_delivery(any_db_settings):
     db = Database(any_db_settings.database_url)
     try:
         with db.session() as session:
-            store.create_webhook(session, "default", "http://127.0.0.1:9/", ["alias.moved"])
+            webhook_id = store.create_webhook(session, "default", "http://127.0.0.1:9/", ["alias.moved"]).id
             for n in range(40):
                 enqueue_event(session, "default", "alias.moved", {"n": n})
         claimed: list[list[str]] = [[], [], [], []]
@@ -256,5 +263,44 @@ def test_two_dispatchers_never_claim_one_delivery(any_db_settings):
         everyone = [d for mine in claimed for d in mine]
         assert len(everyone) == len(set(everyone)) == 40
         assert store.claim_due(db, 10, lease_s=60) == []  # claimed ones are not due again until the lease ends
+
+        # Deleting the webhook drops its deliveries; a send in flight then records nothing.
+        with db.session() as session:
+            store.delete_webhook(session, store.webhook_of_project(session, "default", webhook_id))
+        claim = store.ClaimedDelivery(everyone[0], "token", webhook_id, "alias.moved", "", "", "{}", 1)
+        assert store.record_attempt(db, claim, Outcome(200, None, False, 5), max_attempts=3, backoff_base_s=0,
+                                    backoff_cap_s=0) is None
+        with db.session(readonly=True) as session:
+            assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
     finally:
         db.dispose()
+
+
+def test_a_pinned_https_connection_still_checks_the_certificate_against_the_urls_name(tmp_path):
+    """Delivery connects to the address it checked, not to the name: TLS must still verify the name."""
+    import ipaddress
+    import shutil
+    import ssl
+    import subprocess
+
+    import httpx
+
+    from service.webhooks.delivery import post_pinned
+
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=hooks.test", "-addext", "subjectAltName=DNS:hooks.test"],
+                   check=True, capture_output=True)
+    with receiving() as receiver:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        receiver.server.socket = tls.wrap_socket(receiver.server.socket, server_side=True)
+        port = receiver.server.server_address[1]
+        loopback = [ipaddress.ip_address("127.0.0.1")]
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), trust_env=False) as client:
+            ok = post_pinned(client, httpx.URL(f"https://hooks.test:{port}/ok"), loopback, b"{}", {}, 2)
+            with pytest.raises(httpx.ConnectError, match="Hostname mismatch"):
+                post_pinned(client, httpx.URL(f"https://elsewhere.test:{port}/ok"), loopback, b"{}", {}, 2)
+        assert ok.status_code == 200 and receiver.on("/ok")[0]["headers"]["Host"] == f"hooks.test:{port}"

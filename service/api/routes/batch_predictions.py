@@ -8,8 +8,9 @@ any other, and the same images can be predicted again with another model by data
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
@@ -20,7 +21,13 @@ from service.api import quotas
 from service.api.auth import PredictCaller
 from service.api.deps import BlobsDep, RateLimiterDep, SessionDep, SettingsDep
 from service.api.routes._multipart import MULTIPART
-from service.api.schemas import BatchLinks, BatchPredictionCreate, BatchPredictionOut, BatchProgress, JobError
+from service.api.schemas import (
+    BatchLinks,
+    BatchPredictionCreate,
+    BatchPredictionOut,
+    BatchProgress,
+    JobError,
+)
 from service.datasets import catalog
 from service.datasets.ingest import ingest_unlabeled_zip
 from service.datasets.names import clean_filename
@@ -83,6 +90,7 @@ SourceDep = Annotated[BatchSource, Depends(batch_source)]
 def create_batch_prediction(model_id: str, source: SourceDep, caller: PredictCaller, session: SessionDep,
                             settings: SettingsDep, blobs: BlobsDep, limiter: RateLimiterDep) -> BatchPredictionOut:
     """Queue a batch prediction with a model (or a succeeded job's id) over a dataset or an uploaded zip."""
+    caller.require_any_model()  # a key limited to aliases predicts only through them
     model = catalog.ready_model(session, model_id, caller.project_id)
     quotas.check_new_job(session, settings, caller.project_id)
     if source.upload is not None and source.options.dataset_id is not None:

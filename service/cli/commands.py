@@ -233,8 +233,10 @@ def _transfer_progress() -> Progress:
 
 def _show_metrics(model: dict) -> None:
     m = model["metrics"]
-    summary = Table("metric", "value", title=f"model {model['id']}  ({model['backbone']}, "
-                                             f"{model['recipe'].get('strategy')})")
+    # The id on a line of its own: a table's title wraps at the table's width, mid-id.
+    out.print(f"model [bold]{model['id']}[/]  ({model['backbone']}, {model['recipe'].get('strategy')})",
+              soft_wrap=True)
+    summary = Table("metric", "value", title="metrics")
     for key in ("val_accuracy", "balanced_accuracy", "macro_f1", "val_loss", "best_epoch", "num_train_images",
                 "num_val_images", "num_test_images", "train_seconds", "train_images_per_s", "device"):
         if m.get(key) is not None:
@@ -302,7 +304,8 @@ def predict(ctx: typer.Context,
         answer = client.predict(model_id, images, top_k=top_k)
     if as_json:
         return _print_json(answer)
-    table = Table("file", "label", "score", "others", title=f"model {answer['model_id']}")
+    out.print(f"model [bold]{answer['model_id']}[/]", soft_wrap=True)
+    table = Table("file", "label", "score", "others")
     for r in answer["results"]:
         best, *rest = r["predictions"]
         table.add_row(r["filename"], f"[bold]{best['label']}[/]", f"{best['score']:.4f}",

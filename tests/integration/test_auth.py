@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from ipaddress import ip_network
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +20,9 @@ from service.app import create_app
 from service.api.auth import auth_is_open, check_exposure, create_key, create_project
 from service.store.db import Database
 from service.settings import Settings
-from service.store.tables import ApiKey, Dataset, DatasetImage, Job, JobEvent, Model, ModelAlias
+from service.enums import JobKind
+from service.store.queue import JobQueue
+from service.store.tables import ApiKey, Dataset, DatasetImage, Job, JobEvent, Model, ModelAlias, Webhook
 from tests.support.data import subset_zip
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/"}
@@ -35,7 +38,8 @@ def png() -> bytes:
 
 @pytest.fixture
 def secured(any_db_settings) -> Settings:
-    return any_db_settings.model_copy(update={"auth_required": True, "min_images_per_class": 2})
+    return any_db_settings.model_copy(update={"auth_required": True, "min_images_per_class": 2,
+                                              "webhook_allowed_networks": [ip_network("127.0.0.0/8")]})
 
 
 @pytest.fixture
@@ -66,8 +70,16 @@ def world(secured):
             s.flush()
             model_id = model.id
             s.add(ModelAlias(project_id=keys["b-project"], name="b-live", model_id=model_id))
+            batch = JobQueue.enqueue(s, project_id=keys["b-project"], dataset_id=ds["id"], config={"top_k": 2},
+                                     max_attempts=1, kind=JobKind.batch_predict, source_model_id=model_id)
+            hook = Webhook(project_id=keys["b-project"], url="http://127.0.0.1:9/b", events=["alias.moved"],
+                           secret="s" * 32)
+            s.add(hook)
+            s.flush()
+            batch_id, webhook_id = batch.id, hook.id
         ids = {"dataset_id": ds["id"], "job_id": job["id"], "model_id": model_id, "image_id": image,
-               "project_id": keys["b-project"], "key_id": keys["b-admin-id"], "name": "b-live"}
+               "project_id": keys["b-project"], "key_id": keys["b-admin-id"], "name": "b-live",
+               "batch_id": batch_id, "webhook_id": webhook_id, "fmt": "csv"}
         yield client, keys, ids, db
     db.dispose()
 
@@ -106,6 +118,10 @@ def request_kwargs(method: str, path: str, ids: dict) -> dict:
         return {"json": {"name": "another"}}
     if path == "/v1/aliases/{name}" and method == "PUT":
         return {"json": {"model_id": ids["model_id"]}}
+    if path == "/v1/webhooks" and method == "POST":  # a receiver of A's own, on loopback (allowed below)
+        return {"json": {"url": "http://127.0.0.1:9/a", "events": ["alias.moved"]}}
+    if path.endswith("/batch-predictions") and method == "POST":
+        return {"json": {"dataset_id": ids["dataset_id"]}}
     if path == "/v1/projects/{project_id}" and method == "PATCH":
         return {"json": {"quotas": {"max_datasets": 0}}}
     return {}
@@ -140,8 +156,8 @@ def test_a_predict_key_cannot_reach_training_routes(world):
     p = {"Authorization": f"Bearer {keys['a-predict']}"}
     for method, path in operations(client.app):
         resp = client.request(method, fill(path, ids), headers=p, **request_kwargs(method, path, ids))
-        if path.endswith("/predict") or path == "/v1/backbones":
-            assert resp.status_code in (200, 404), (method, path, resp.text)
+        if path.endswith("/predict") or "batch-predictions" in path or path == "/v1/backbones":
+            assert resp.status_code in (200, 404), (method, path, resp.text)  # predicting is a predict key's
         elif (method, path) in OPERATOR_ONLY:
             assert resp.status_code == 403 and "operator" in resp.json()["detail"], (method, path)
         else:

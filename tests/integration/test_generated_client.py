@@ -116,7 +116,8 @@ def test_a_generated_client_uploads_trains_predicts_and_exports(server, tmp_path
         assert {"manifest.json", "USAGE.md"} <= set(zf.namelist())
 
     ready = importlib.import_module("graft_client.api.operations.readyz_readyz_get").sync(client=client)
-    assert isinstance(ready, models.Readiness) and ready.checks["database"].ok, ready
+    # a project's key hears "ready"; the checks themselves are for the operator (issue 21)
+    assert isinstance(ready, models.Readiness) and ready.status == "ready", ready
 
     refused = upload.sync_detailed(client=gen.AuthenticatedClient(base_url=url, token="graft_wrong"),
                                    body=models.BodyUploadDatasetV1DatasetsPost(

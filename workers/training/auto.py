@@ -66,7 +66,8 @@ from workers.artifacts import Classifier
 from workers.backbones import get_backbone
 from workers.config import TrainConfig
 from workers.errors import JobError
-from workers.training import logistic, selection
+import workers.training.logistic as logistic
+import workers.training.selection as selection
 from workers.training.contract import Control, NullControl, PreparedData, TrainResult
 from workers.training.parts import adapt_batchnorm, calibrate_and_score, logits_of
 from workers.training.probe import FeatureCache

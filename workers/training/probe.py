@@ -12,7 +12,7 @@ from workers.backbones import freeze_for_cpu
 from workers.config import TrainConfig
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, to_device
 from workers.training.contract import Control, PreparedData
-from workers.training import logistic
+import workers.training.logistic as logistic
 from workers.training.parts import (EarlyStopping, epoch_report, features_of, make_criterion, make_scheduler,
                                     optimizer_step, param_groups, regularized_loss, steps_per_epoch, train_batches)
 

@@ -34,14 +34,14 @@ from service.datasets.names import clean_filename
 from service.enums import TERMINAL, JobKind, JobStatus
 from service.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType
 from service.store.queue import JobQueue
-from service.store.tables import Dataset, Job
+from service.store.tables import Dataset, Job, Model
 from workers.batch_predict import results_path
 
 router = APIRouter(tags=["batch predictions"])
 
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 _BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/BatchPredictionCreate"}},
+    "application/json": {"schema": BatchPredictionCreate.model_json_schema()},
     MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "a zip of images, in any folders"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5}}}}}}}
@@ -86,12 +86,18 @@ def _options(body: object) -> BatchPredictionCreate:
 SourceDep = Annotated[BatchSource, Depends(batch_source)]
 
 
-@router.post("/v1/models/{model_id}/batch-predictions", status_code=202, openapi_extra=_BODY_DOC)
-def create_batch_prediction(model_id: str, source: SourceDep, caller: PredictCaller, session: SessionDep,
-                            settings: SettingsDep, blobs: BlobsDep, limiter: RateLimiterDep) -> BatchPredictionOut:
-    """Queue a batch prediction with a model (or a succeeded job's id) over a dataset or an uploaded zip."""
+def model_to_predict_with(model_id: str, caller: PredictCaller, session: SessionDep) -> Model:
+    """The ready model, checked before the body is read: no key is a 401, another project's model a
+    404, whatever the body holds."""
     caller.require_any_model()  # a key limited to aliases predicts only through them
-    model = catalog.ready_model(session, model_id, caller.project_id)
+    return catalog.ready_model(session, model_id, caller.project_id)
+
+
+@router.post("/v1/models/{model_id}/batch-predictions", status_code=202, openapi_extra=_BODY_DOC)
+def create_batch_prediction(model: Annotated[Model, Depends(model_to_predict_with)], source: SourceDep,
+                            caller: PredictCaller, session: SessionDep, settings: SettingsDep, blobs: BlobsDep,
+                            limiter: RateLimiterDep) -> BatchPredictionOut:
+    """Queue a batch prediction with a model (or a succeeded job's id) over a dataset or an uploaded zip."""
     quotas.check_new_job(session, settings, caller.project_id)
     if source.upload is not None and source.options.dataset_id is not None:
         raise InvalidInput("send either a dataset_id or a zip of images, not both")

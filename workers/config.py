@@ -174,12 +174,8 @@ def _check_combinations(c: TrainConfig) -> None:
         if c.l2sp:
             raise ValueError("l2sp pulls trained backbone weights toward the pretrained ones; a linear_probe "
                              "trains none: use weight_decay, or strategy fine_tune/partial/gradual")
-        if c.cutmix_alpha:
-            raise ValueError("cutmix mixes pixels, but a linear_probe trains on cached features: use "
-                             "mixup_alpha, or a fine-tuning strategy")
-        if c.augmentation == "strong":
-            raise ValueError("a linear_probe trains on cached features: augmentation 'none' or 'light' "
-                             "(adds each training image's mirror); 'strong' needs a fine-tuning strategy")
+        _refuse_pixel_options(c, "a linear_probe", "features", "adds each training image's mirror",
+                              "a fine-tuning strategy")
         if c.lr_stage_factor not in (None, 1.0):
             raise ValueError("lr_stage_factor applies to strategies that train the backbone")
         if c.feature_l1 and c.head != "mlp":
@@ -197,12 +193,17 @@ def _check_top(c: TrainConfig) -> None:
         supported = ", ".join(sorted(n for n, spec in BACKBONES.items() if supports_top_tuning(spec)))
         raise ValueError(f"fine_tune_top needs a backbone whose forward splits between stages ({supported}), "
                          f"not {c.backbone!r}: use strategy 'partial' for it")
+    _refuse_pixel_options(c, "fine_tune_top", "activations", "each image or its mirror", "strategy 'partial'")
+
+
+def _refuse_pixel_options(c: TrainConfig, who: str, cached: str, light: str, instead: str) -> None:
+    """A strategy that trains on cached tensors has no pixels to cut and mix or to jitter."""
     if c.cutmix_alpha:
-        raise ValueError("cutmix mixes pixels, but fine_tune_top trains on cached activations: use "
-                         "mixup_alpha (it mixes the activations), or strategy 'partial'")
+        raise ValueError(f"cutmix mixes pixels, but {who} trains on cached {cached}: use mixup_alpha (it mixes "
+                         f"the {cached}), or {instead}")
     if c.augmentation == "strong":
-        raise ValueError("fine_tune_top trains on cached activations: augmentation 'none' or 'light' (each "
-                         "image or its mirror); 'strong' needs strategy 'partial'")
+        raise ValueError(f"{who} trains on cached {cached}: augmentation 'none' or 'light' ({light}); 'strong' "
+                         f"needs {instead}")
 
 
 def _check_lbfgs(c: TrainConfig) -> None:

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api import quotas
 from service.api.auth import PredictCaller
-from service.api.deps import BlobsDep, RateLimiterDep, SessionDep, SettingsDep
+from service.api.deps import BlobsDep, DatabaseDep, RateLimiterDep, SessionDep, SettingsDep
+from service.api.downloads import file_while_key_valid
 from service.api.routes._multipart import MULTIPART
 from service.api.schemas import (
     BatchLinks,
@@ -158,8 +159,8 @@ def cancel_batch_prediction(batch_id: str, caller: PredictCaller, session: Sessi
 
 @router.get("/v1/batch-predictions/{batch_id}/results.{fmt}",
             responses={200: {"content": {MEDIA_TYPES["csv"]: {}, MEDIA_TYPES["jsonl"]: {}}}})
-def download_results(batch_id: str, fmt: str, caller: PredictCaller, session: SessionDep,
-                     settings: SettingsDep) -> FileResponse:
+def download_results(batch_id: str, fmt: str, caller: PredictCaller, session: SessionDep, db: DatabaseDep,
+                     settings: SettingsDep) -> StreamingResponse:
     """The results, one row per image in order (image, sha256, top-k labels and scores); 409 until it has succeeded."""
     if fmt not in MEDIA_TYPES:
         raise NotFound(f"no results.{fmt[:20]}; results come as results.csv or results.jsonl")
@@ -170,7 +171,7 @@ def download_results(batch_id: str, fmt: str, caller: PredictCaller, session: Se
     path = results_path(settings, job.id, fmt)
     if not path.is_file():
         raise Conflict(f"batch prediction {batch_id}'s results are missing from the data dir; run it again")
-    return FileResponse(path, media_type=MEDIA_TYPES[fmt], filename=f"{job.id}.{fmt}")
+    return file_while_key_valid(path, db, caller, MEDIA_TYPES[fmt], f"{job.id}.{fmt}")  # ends if the key is revoked
 
 
 def _batch_or_404(session, batch_id: str, project_id: str) -> Job:

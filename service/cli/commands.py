@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.progress import (
@@ -28,6 +28,16 @@ from service.enums import ExportFormat, JobStatus
 def _client(ctx: typer.Context) -> GraftClient:
     obj = ctx.find_root().obj or {}
     return GraftClient(obj.get("url"), obj.get("api_key"))
+
+
+def _answer(ctx: typer.Context, ask: Callable[[GraftClient], Any], as_json: bool,
+            show: Callable[[Any], None]) -> None:
+    """Ask the API, then print its JSON answer (--json) or show it to a person."""
+    with _client(ctx) as client:
+        answer = ask(client)
+    if as_json:
+        return _print_json(answer)
+    show(answer)
 
 
 def _print_json(value: Any) -> None:
@@ -71,11 +81,7 @@ def datasets_list(ctx: typer.Context, as_json: JsonOpt = False):
 @datasets_app.command("show")
 def datasets_show(ctx: typer.Context, dataset_id: str, as_json: JsonOpt = False):
     """One dataset's report: classes, counts per split, skipped files."""
-    with _client(ctx) as client:
-        dataset = client.get_dataset(dataset_id)
-    if as_json:
-        return _print_json(dataset)
-    _show_dataset(dataset)
+    _answer(ctx, lambda client: client.get_dataset(dataset_id), as_json, _show_dataset)
 
 
 SAMPLE = "bloodcells"  # service/samples/<SAMPLE>/: train/<class>/*.jpg, val/<class>/*.jpg, ATTRIBUTION.md
@@ -368,11 +374,7 @@ def models_list(ctx: typer.Context, as_json: JsonOpt = False):
 @models_app.command("show")
 def models_show(ctx: typer.Context, model_id: str, as_json: JsonOpt = False):
     """A model's metrics, per-class scores and confusion matrix."""
-    with _client(ctx) as client:
-        model = client.get_model(model_id)
-    if as_json:
-        return _print_json(model)
-    _show_metrics(model)
+    _answer(ctx, lambda client: client.get_model(model_id), as_json, _show_metrics)
 
 
 @models_app.command("promote")

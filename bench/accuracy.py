@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.e2e import own_server, train_once, zip_folder  # noqa: E402
-from workers.backbones import get_backbone  # noqa: E402
+from workers.backbones import DEFAULT_BACKBONE, get_backbone  # noqa: E402
 from workers.imaging import ImageRejected  # noqa: E402
 from workers.preprocessing import decode_square, eval_crop  # noqa: E402
 from workers.training.contract import NullControl  # noqa: E402
@@ -133,7 +133,7 @@ def baseline(dataset: Path, backbone: str) -> dict:
     final = model(best_c).fit(np.concatenate([x, xm]), np.concatenate([y, y]))
     vy = np.array([classes.index(c) for c in vlabels])
     held_out = float((final.predict(vx.numpy()) == vy).mean())
-    return {"held_out_accuracy": round(held_out, 4), "C": best_c, "cv_accuracy": {str(c): round(s, 4) for c, s in
+    return {"backbone": backbone, "held_out_accuracy": round(held_out, 4), "C": best_c, "cv_accuracy": {str(c): round(s, 4) for c, s in
                                                                                   scores.items()},
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -145,12 +145,17 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def summary(name: str, graft: dict, base: dict) -> dict:
+def summary(name: str, graft: dict, base: dict, same: dict | None) -> dict:
     est = graft["estimate"] or {}
     lo, hi = est.get("ci95", [None, None])
     held = graft["held_out_accuracy"]
-    return {"dataset": name, "graft_held_out": held, "baseline_held_out": base["held_out_accuracy"],
-            "margin_points": round(100 * (held - base["held_out_accuracy"]), 2),
+    chosen = (graft["recipe"] or {}).get("backbone")
+    versus_same = {} if same is None else {
+        "baseline_on_chosen_backbone_held_out": same["held_out_accuracy"],
+        "margin_over_chosen_backbone_points": round(100 * (held - same["held_out_accuracy"]), 2)}
+    return {"dataset": name, "chosen_backbone": chosen, "graft_held_out": held,
+            "baseline_backbone": base.get("backbone"), "baseline_held_out": base["held_out_accuracy"],
+            "margin_points": round(100 * (held - base["held_out_accuracy"]), 2), **versus_same,
             "graft_estimate": graft["reported"], "ci95": [lo, hi],
             "estimate_error_points": round(100 * (graft["reported"] - held), 2),
             "held_out_inside_ci95": lo is not None and lo <= held <= hi,
@@ -161,22 +166,27 @@ def summary(name: str, graft: dict, base: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True, help="ImageFolder root with train/ and val/")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", help="the job's backbone (default: the job leaves it to auto) and the "
+                        "baseline's (default: efficientnet_lite0, a user's script on Graft's default)")
     parser.add_argument("--job", default="{}", help="job fields as JSON (default: the default job)")
     parser.add_argument("--url", help="a running Graft; default: start one on a fresh data dir")
     parser.add_argument("--no-repeat", action="store_true", help="skip the repeat job")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    job = {"backbone": args.backbone, **json.loads(args.job)} if args.backbone != "efficientnet_lite0" \
-        else json.loads(args.job)
+    job = {**({"backbone": args.backbone} if args.backbone else {}), **json.loads(args.job)}
     if args.url:
         graft = graft_run(args.url, args.dataset, job, not args.no_repeat)
     else:
         with own_server(workers=1) as (url, _):
             graft = graft_run(url, args.dataset, job, not args.no_repeat)
-    base = baseline(args.dataset, args.backbone) if not args.no_baseline else {"held_out_accuracy": float("nan")}
-    result = {"summary": summary(args.dataset.name, graft, base), "graft": graft, "baseline": base}
+    base_backbone = args.backbone or DEFAULT_BACKBONE
+    base = baseline(args.dataset, base_backbone) if not args.no_baseline else {"held_out_accuracy": float("nan")}
+    # When auto chose another backbone, the same script on that backbone too: how much is the head.
+    chosen = (graft["recipe"] or {}).get("backbone", base_backbone)
+    same = baseline(args.dataset, chosen) if chosen != base_backbone and not args.no_baseline else None
+    result = {"summary": summary(args.dataset.name, graft, base, same), "graft": graft, "baseline": base,
+              "baseline_on_chosen_backbone": same}
     print(json.dumps(result["summary"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

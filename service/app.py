@@ -23,9 +23,12 @@ from service.api.routes import webhooks as webhooks_router
 from service.api.routes import aliases as aliases_router
 from service.api.routes import export as export_router
 from service.api.routes import batch_predictions
+from service.api.routes import insights as insights_router
+from service.serving.insights import Insights
 from service.api.routes.dashboard import install_dashboard
 from service.settings import Settings, get_settings
 from service.webhooks.dispatcher import Dispatcher
+from workers.backbone_registry import use_registry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,21 +42,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "project's admin; a request with one is checked as when keys are required, so "
                               "another scheme, an empty, unknown or revoked key is a 401 in either mode.")
     app.state.settings = settings
+    use_registry(settings.backbone_registry_file)  # the operator's extra backbones: jobs may name them
     app.state.db = Database(settings.database_url)
-    app.state.blobs = BlobStore(settings.blobs_dir)
+    app.state.blobs = BlobStore.for_settings(settings)  # the data dir, or an S3 bucket + local cache
     app.state.inference = InferenceEngine(settings.predict_device, settings.predict_max_batch,
                                           settings.predict_batch_window_ms, settings.torch_threads,
                                           parallel=settings.predict_parallel)
     app.state.model_cache = ModelCache(settings, settings.model_cache_mb * 1024**2,
                                        allow_downloads=settings.allow_downloads,
                                        copy_bytes=app.state.inference.host_copy_bytes)
-    app.state.rate_limiter = RateLimiter()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_storage)  # redis://: across processes
     app.state.queue = JobQueue(app.state.db, stale_after_s=settings.stale_after_s,
                                retry_backoff_s=settings.retry_backoff_s)
     install_error_handlers(app)
     install_problem_docs(app)  # every 4xx in the OpenAPI document is problem+json
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.state.exporter = Exporter(settings)
+    app.state.insights = Insights(settings)  # held-out predictions and plots (issue 19)
     install_observability(app)  # after BodySizeLimit: outermost, so even a 413 carries a request id
     app.include_router(export_router.router)
     install_dashboard(app)
@@ -61,8 +66,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    workers.router, projects.router, aliases_router.router, batch_predictions.router):
         app.include_router(router)
     app.include_router(webhooks_router.router)
+    app.include_router(insights_router.router)
     logging.getLogger("graft").setLevel(logging.INFO)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one of several API processes (`graft serve --api-processes N`): settings and the log
+    format from the environment the supervisor set."""
+    import os
+    import sys
+
+    from service.api.observability import configure_logging
+
+    if sys.platform == "linux":  # gone with `graft serve`, even when it is SIGKILLed
+        from service.cli.server import _die_with_parent
+
+        _die_with_parent()
+    configure_logging(os.environ.get("GRAFT_LOG_FORMAT", "auto"))
+    return create_app(Settings())
 
 
 @asynccontextmanager

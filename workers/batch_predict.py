@@ -33,8 +33,9 @@ from service.errors import InvalidInput
 from service.serving.engine import InferenceEngine
 from service.serving.model_cache import predict
 from service.settings import Settings
+from service.store.objects import store_for
 from service.store.tables import DatasetImage, Model
-from workers.artifacts import ArtifactCorrupt, LoadedModel, load_artifact
+from workers.artifacts import MANIFEST_FILE, WEIGHTS_FILE, ArtifactCorrupt, LoadedModel, load_artifact
 from workers.backbones import WeightsUnavailable
 from workers.checkpoints import prune_checkpoints
 from workers.errors import JobError, StopJob
@@ -90,12 +91,12 @@ def run_batch_prediction(worker: Worker, claim: Claim, control: LeaseControl) ->
                 out.append(batch, results)
                 rate = (out.done - first) / max(time.monotonic() - started, 1e-9)
                 control.progress({**_progress(out.done, len(images)), "images_per_s": round(rate, 1)})
-                control.save_checkpoint(out.done, out.checkpoint())
+                control.save_checkpoint(out.done, out.checkpoint)  # called (files uploaded) only when saved
                 control.stop_if_asked()
     except BaseException as exc:
         out.close()
         if isinstance(exc, JobError) or (isinstance(exc, StopJob) and exc.reason == "cancel"):
-            shutil.rmtree(out.folder, ignore_errors=True)  # no retry will resume, nobody can download them
+            out.remove()  # no retry will resume, nobody can download them
         raise
     finally:
         engine.stop()
@@ -119,7 +120,8 @@ def _progress(done: int, total: int) -> dict:
 
 def _load_model(settings: Settings, row: Model) -> LoadedModel:
     try:
-        return load_artifact(settings.data_path(row.artifact_dir), row.sha256, allow_downloads=settings.allow_downloads)
+        folder = store_for(settings).fetch_files(row.artifact_dir, (WEIGHTS_FILE, MANIFEST_FILE))
+        return load_artifact(folder, row.sha256, allow_downloads=settings.allow_downloads)
     except (ArtifactCorrupt, WeightsUnavailable) as exc:
         raise JobError("model_unusable", f"model {row.id} cannot be loaded: {exc}") from None
     except FileNotFoundError:
@@ -175,7 +177,7 @@ class ResultFiles:
         """The checkpointed bytes of the previous attempt's files (False: they are gone; start over)."""
         try:
             for fmt, f in self.files.items():
-                with open(self.settings.data_path(state[fmt]), "rb") as old:
+                with open(store_for(self.settings).fetch(state[fmt]), "rb") as old:  # from another machine, too
                     prefix = old.read(state[f"{fmt}_bytes"])
                 if len(prefix) != state[f"{fmt}_bytes"]:
                     return False
@@ -200,24 +202,41 @@ class ResultFiles:
         csv.writer(text).writerow(row)
         self.files["csv"].write(text.getvalue().encode())
 
-    def checkpoint(self) -> dict:
-        """How far this attempt got: the images done and the bytes of each file that hold them."""
+    def checkpoint(self, commit: bool = True) -> dict:
+        """How far this attempt got: the images done and the bytes of each file that hold them; the
+        files are committed to the store (uploaded, with an object store) so any worker can resume."""
         for f in self.files.values():
             os.fsync(f.fileno())  # a checkpoint must never count bytes a crash could lose
         state = {"done": self.done}
         for fmt, f in self.files.items():
             state[fmt], state[f"{fmt}_bytes"] = self.settings.relative_to_data(self.paths[fmt]), f.tell()
+            if commit:
+                store_for(self.settings).commit(state[fmt])
         return state
+
+    def remove(self) -> None:
+        """Every file of this job's results, every attempt's (best effort)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            store_for(self.settings).delete_prefix(self.settings.relative_to_data(self.folder))
+        except Exception:
+            log.warning("could not remove batch results of %s", self.folder.name, exc_info=True)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
 
     def publish(self) -> None:
-        """Rename this attempt's files into place; earlier attempts' files go."""
-        self.checkpoint()
+        """Rename this attempt's files into place and commit them; earlier attempts' files go."""
+        self.checkpoint(commit=False)
         self.close()
+        storage = store_for(self.settings)
         for fmt, path in self.paths.items():
-            os.replace(path, results_path(self.settings, self.folder.name, fmt))
+            final = results_path(self.settings, self.folder.name, fmt)
+            os.replace(path, final)
+            storage.commit(self.settings.relative_to_data(final))
+        for key in storage.keys(self.settings.relative_to_data(self.folder)):
+            if Path(key).name.startswith("."):
+                storage.delete(key)
         for stale in self.folder.glob(".*"):
             stale.unlink(missing_ok=True)

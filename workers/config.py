@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.backbones import BACKBONES, DEFAULT_BACKBONE
+from workers.backbones import AUTO_BACKBONES, BACKBONES, DEFAULT_BACKBONE
 
 Strategy = Literal["auto", "linear_probe", "fine_tune", "partial", "gradual", "fine_tune_top"]
 Augmentation = Literal["none", "light", "strong"]
@@ -58,7 +58,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"x-strategy-defaults": STRATEGY_DEFAULTS,
                                                                  "x-common-defaults": COMMON_DEFAULTS})
 
-    backbone: str = Field(DEFAULT_BACKBONE, description="a name from GET /v1/backbones")
+    backbone: str | None = Field(None, description=(
+        f"a name from GET /v1/backbones; default {DEFAULT_BACKBONE}, except that strategy auto then "
+        f"chooses among {', '.join(AUTO_BACKBONES)} by cross-validation as its budget allows"))
+    base_model_id: str | None = Field(None, min_length=1, max_length=64, description=(
+        "train on from this model of the project (or the job that trained it): its weights are the start "
+        "(same backbone; backbone and image_size default to its), its head's rows are kept for the classes "
+        "the dataset still has, and the new model's metrics compare it with this one (metrics.base_model)"))
     strategy: Strategy = Field("auto", description=(
         "auto: a short search on the val split picks the recipe (see README); linear_probe: head on "
         "frozen, cached features; fine_tune: whole network; partial: the last unfreeze_stages stages; "
@@ -120,15 +126,17 @@ class TrainConfig(BaseModel):
 
     @field_validator("backbone")
     @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        if name not in BACKBONES:
+    def _known_backbone(cls, name: str | None) -> str | None:
+        if name is not None and name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
         return name
 
     @model_validator(mode="after")
     def _check_and_fill(self) -> "TrainConfig":
+        if self.backbone is None and self.strategy != "auto":
+            self.backbone = DEFAULT_BACKBONE
         _check_combinations(self)
-        if self.image_size is None:
+        if self.image_size is None and self.backbone is not None:
             self.image_size = BACKBONES[self.backbone].preprocessing.input_size
         if self.strategy == "auto":
             return self  # None fields are for the search to choose
@@ -147,6 +155,8 @@ class TrainConfig(BaseModel):
 def _check_combinations(c: TrainConfig) -> None:
     """Reject recipes whose options contradict each other, saying what is allowed instead."""
     s = c.strategy
+    if c.backbone is not None and c.image_size is not None:
+        BACKBONES[c.backbone].check_input_size(c.image_size)  # a ViT's position embeddings have one size
     if c.time_budget_s is not None and s != "auto":
         raise ValueError(f"time_budget_s applies to strategy 'auto' only, not {s!r}")
     if c.unfreeze_stages is not None and s not in ("partial", "gradual", "fine_tune_top", "auto"):

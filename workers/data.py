@@ -1,30 +1,34 @@
 """From a dataset's rows to decoded tensors: the split, then each image decoded exactly once.
 
 Decoding is the slow part of a short job (Lite0 trains faster on a GPU than Pillow decodes), so
-the decoded uint8 squares are cached (`DecodedCache`): every later job on the same images at the
-same preprocessing, on any dataset version that still has them in that order, skips decoding.
+the decoded uint8 squares are cached (`DecodedCache`, workers/decoded_cache.py): every later job on
+the same images at the same preprocessing, on any dataset version that still has them in that
+order, skips decoding. They are decoded a batch at a time straight into the cache's memory-mapped
+file, and each split is a slice of it: a worker's memory does not grow with the dataset (issue 22).
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import threading
-import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from workers.backbones import Preprocessing
 from workers.config import TrainConfig
+from workers.decoded_cache import (
+    DEFAULT_MEMORY_BYTES,
+    DecodedCache,
+    chunk_rows,
+    in_memory,
+    layout_id,
+)
 from workers.errors import JobError
 from workers.preprocessing import decode_square
+from workers.progress import PhaseMeter
 from workers.training.contract import Control, PreparedData
 
 
@@ -43,90 +47,6 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> list[
     return splits
 
 
-log = logging.getLogger("graft.worker")
-
-# Part of every cache key: bump it when decode_square's output changes for the same bytes.
-DECODER_VERSION = 3  # 2: torch's resize instead of Pillow's; 3: TorchCodec decodes most JPEGs
-
-
-class DecodedCache:
-    """Decoded uint8 squares [N, 3, S, S] of an ordered list of images at one preprocessing.
-
-    On disk as safetensors (no pickle) under `root`, named by the sha256 of the decoder version,
-    the resize size, the interpolation and the images' blob sha256s in order; files beyond
-    `max_bytes` are removed oldest-used first. The last `memory_entries` (within `max_bytes`, but
-    always the newest) stay in this process's memory, so a warm worker re-running a dataset reads
-    nothing at all.
-    """
-
-    def __init__(self, root: Path, max_bytes: int, memory_entries: int = 2):
-        self.root, self.max_bytes, self.memory_entries = root, max_bytes, memory_entries
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(image_shas: list[str], pre: Preprocessing, owner: str = "") -> str:
-        """`owner` (the job's project) keeps tenants apart: a hit on another project's images would
-        tell a tenant, by its speed or by `features_reused`, what someone else trained on."""
-        h = hashlib.sha256(f"v{DECODER_VERSION}:{owner}:{pre.resize_size}:{pre.interpolation}:".encode())
-        for sha in image_shas:
-            h.update(sha.encode())
-        return h.hexdigest()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        with self._lock:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                return self._memory[key]
-        path = self.root / f"{key}.safetensors"
-        try:
-            images = load_file(str(path))["images"]
-            os.utime(path)  # most recently used: evicted last
-        except (OSError, KeyError, SafetensorError):  # absent, or a damaged file: decode again
-            return None
-        self._remember(key, images)
-        return images
-
-    def put(self, key: str, images: torch.Tensor) -> None:
-        self._remember(key, images)
-        if images.nbytes > self.max_bytes:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        try:
-            save_file({"images": images.contiguous()}, str(tmp))
-            os.replace(tmp, self.root / f"{key}.safetensors")  # readers never see half a file
-        except OSError:  # a full disk costs a decode next time, never the job
-            log.warning("could not write the decoded-image cache", exc_info=True)
-            tmp.unlink(missing_ok=True)
-            return
-        self._evict()
-
-    def _remember(self, key: str, images: torch.Tensor) -> None:
-        with self._lock:
-            self._memory[key] = images
-            self._memory.move_to_end(key)
-            # the newest stays (its job holds it anyway); older ones go beyond the count or the bytes
-            while len(self._memory) > 1 and (len(self._memory) > self.memory_entries or
-                                             sum(t.nbytes for t in self._memory.values()) > self.max_bytes):
-                self._memory.popitem(last=False)
-
-    def _evict(self) -> None:
-        files = []
-        for path in self.root.glob("*.safetensors"):
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # removed by another worker meanwhile
-            files.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
-
-
 @dataclass(frozen=True)
 class LabeledImage:
     sha256: str
@@ -141,18 +61,54 @@ class DatasetImages:
     images: list[LabeledImage]  # in upload order: the decoded cache's key depends on it
 
 
-def decode_all(read: Callable[[str], bytes], image_shas: list[str], pre: Preprocessing) -> torch.Tensor:
-    """Decode each image once, in parallel threads (decoders release the GIL), into one uint8 tensor."""
+def decoded_batches(read: Callable[[str], bytes], image_shas: list[str], pre: Preprocessing, batch: int,
+                    on_decoded: Callable[[int], None] | None = None,
+                    control: Control | None = None) -> Iterator[torch.Tensor]:
+    """The images decoded in order, in parallel threads (decoders release the GIL), `batch` at a
+    time: uint8 [k, 3, S, S] each, a new tensor per batch. Each thread decodes into its image's row
+    of the batch, and the next batch is decoding while this one is used (two in memory at most).
+    `on_decoded(1)` is called, on this thread, as each image is ready (in order); `control` may
+    stop the job between batches."""
+    side, n = pre.resize_size, len(image_shas)
+
+    def decode_into(rows: torch.Tensor, j: int, sha: str) -> None:
+        rows[j] = decode_square(read(sha), pre)
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        squares = list(pool.map(lambda sha: decode_square(read(sha), pre), image_shas))
-    return torch.stack(squares)
+        def start(first: int) -> tuple[torch.Tensor, list] | None:
+            if first >= n:
+                return None
+            shas = image_shas[first:first + batch]
+            rows = torch.empty((len(shas), 3, side, side), dtype=torch.uint8)
+            return rows, [pool.submit(decode_into, rows, j, sha) for j, sha in enumerate(shas)]
+
+        upcoming = start(0)
+        try:
+            for first in range(0, n, batch):
+                rows, futures = upcoming
+                upcoming = start(first + batch)
+                for future in futures:
+                    future.result()
+                    if on_decoded is not None:
+                        on_decoded(1)
+                yield rows
+                if control is not None:
+                    control.stop_if_asked()
+        finally:
+            for future in (upcoming[1] if upcoming else []):
+                future.cancel()
 
 
 def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: TrainConfig,
                  pre: Preprocessing, control: Control, cache: DecodedCache | None = None,
                  owner: str = "") -> PreparedData:
     """The dataset's images decoded (`read` gives an image's bytes by sha256) and split. What is
-    cached of them (decoded pixels; through `source_key`, a probe's features) is the owner's alone."""
+    cached of them (decoded pixels; through `source_key`, a probe's features) is the owner's alone.
+
+    The rows are laid out as the job reads them: its train images, then val, then test (each in
+    upload order), so every split is a slice of one array: of the decoded cache's memory map when
+    there is a cache (nothing of the dataset is then held in this process's memory), else of one
+    tensor. The images are decoded once, a batch at a time, straight into it."""
     rows, classes = dataset.images, list(dataset.classes)
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in rows]
@@ -162,24 +118,51 @@ def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: T
         raise JobError("no_validation_images", "the dataset has no images to validate on")
     shas = [r.sha256 for r in rows]
     key = DecodedCache.key(shas, pre, owner)
-    images = cache.get(key) if cache is not None else None
-    if images is None:
-        control.progress({"phase": "decoding images", "images": len(rows)})
-        images = decode_all(read, shas, pre)
-        if cache is not None:
-            cache.put(key, images)
+    order = np.array([i for split in _SPLITS for i, s in enumerate(splits) if s == split], dtype=np.int64)
+    images = _decoded(read, shas, pre, order, key, control, cache)
     control.stop_if_asked()
-
-    def pick(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor([i for i, s in enumerate(splits) if s == split], dtype=torch.long)
-        return images[idx], torch.tensor([labels[i] for i in idx.tolist()])
-
-    (train_x, train_y), (val_x, val_y) = pick("train"), pick("val")
-    test_x, test_y = pick("test") if "test" in splits else (None, None)
+    n_train, n_val, n_test = (splits.count(split) for split in _SPLITS)
+    y = torch.tensor([labels[i] for i in order.tolist()], dtype=torch.long)
+    train_x, train_y = images[:n_train], y[:n_train]
+    val_x, val_y = images[n_train:n_train + n_val], y[n_train:n_train + n_val]
+    test_x, test_y = (images[n_train + n_val:], y[n_train + n_val:]) if n_test else (None, None)
     # The pixels (the decoded cache's key: owner, decoder, preprocessing, ordered sha256s) and the split.
     source_key = hashlib.sha256(f"{key}:{','.join(splits)}".encode()).hexdigest()
+    ids = {split: [sha for sha, s in zip(shas, splits) if s == split] for split in _SPLITS}
     return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key, val_given=val_given,
-                        test_x=test_x, test_y=test_y)
+                        test_x=test_x, test_y=test_y, train_ids=ids["train"], val_ids=ids["val"],
+                        test_ids=ids["test"] if test_x is not None else None)
+
+
+_SPLITS = ("train", "val", "test")
+
+
+def _decoded(read: Callable[[str], bytes], shas: list[str], pre: Preprocessing, order: np.ndarray, key: str,
+             control: Control, cache: DecodedCache | None) -> torch.Tensor:
+    """uint8 [N, 3, S, S]: row j is image order[j]; from the cache (the same layout, or the same
+    pixels in another layout, copied a batch at a time), else decoded into it (or into memory)."""
+    side = pre.resize_size
+    shape = (len(order), 3, side, side)
+    batch = chunk_rows(cache.memory_bytes if cache is not None else DEFAULT_MEMORY_BYTES, 3 * side * side)
+    in_order = [shas[i] for i in order.tolist()]
+
+    def decode() -> Iterator[torch.Tensor]:
+        meter = PhaseMeter(control, "decoding images", len(order), "images")
+        return decoded_batches(read, in_order, pre, batch, on_decoded=meter, control=control)
+
+    if cache is None:
+        return in_memory(shape, decode())
+    name = f"{key}.{layout_id(order)}"
+    if (images := cache.get(name)) is not None:
+        return images
+    if (other := cache.find_layout(key)) is not None:
+        source, source_order = other
+        where = np.empty(len(source_order), dtype=np.int64)
+        where[source_order] = np.arange(len(source_order))
+        rows = torch.from_numpy(where[order])
+        return cache.build(name, shape, lambda: (source[rows[i:i + batch]] for i in range(0, len(rows), batch)),
+                           order)
+    return cache.build(name, shape, decode, order)
 
 
 def _assign_splits(rows, labels: list[int], val_given: bool, config: TrainConfig) -> list[str]:

@@ -10,25 +10,34 @@ import socket
 import threading
 import time
 import uuid
+from typing import Callable
 
 import torch
 
 from service.datasets.catalog import images_for_training
 from service.store.blobs import BlobStore
+from service.store.objects import StorageUnavailable, store_for
 from service.store.db import Database, utcnow
 from service.store.queue import Claim, JobQueue, ModelRecord
+from service.store.tables import Model
 from service.settings import Settings
 from service.store.wakeups import JobWaiter
 from service.enums import JobKind
-from workers.artifacts import Classifier, pretrained_fingerprint, write_artifact
+from workers.artifacts import (MANIFEST_FILE, WEIGHTS_FILE, ArtifactCorrupt, Classifier, load_artifact,
+                               pretrained_fingerprint, write_artifact)
+from workers.base_model import BaseStart, base_predictions, class_changes, compare, trained_ids
+from workers.evaluation import EVALUATION_FILE, VALIDATION, evaluation_files, held_out_summary, read_evaluation
 from workers.batch_predict import run_batch_prediction
-from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsUnavailable, get_backbone
+from workers.backbone_registry import use_registry
+from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsMismatch, WeightsUnavailable, get_backbone
 from workers.checkpoints import prune_checkpoints, read_checkpoint, remove_checkpoint, write_checkpoint
 from workers.config import TrainConfig
 from workers.data import DecodedCache, prepare_data
 from workers.errors import JobError, StopJob
 from workers.device import resolve_device
+from workers.progress import ProgressTracker
 from workers.training import train
+from workers.training.probe import REUSED_FEATURES
 
 log = logging.getLogger("graft.worker")
 
@@ -40,7 +49,8 @@ def load_training_data(db: Database, blobs: BlobStore, dataset_id: str, config: 
         dataset = images_for_training(s, dataset_id)
     if dataset is None:
         raise JobError("dataset_missing", f"dataset {dataset_id} no longer exists")
-    return prepare_data(dataset, blobs.read, config, pre, control, cache, owner=project_id)
+    read = blobs.reader([image.sha256 for image in dataset.images])  # an object store: prefetched in parallel
+    return prepare_data(dataset, read, config, pre, control, cache, owner=project_id)
 
 
 class LeaseControl:
@@ -57,9 +67,10 @@ class LeaseControl:
         self.worker, self.queue, self.claim = worker, worker.queue, claim
         self.settings = worker.settings
         self.stop_reason: str | None = None
-        self._progress: dict = {}
+        # The job's progress and which updates are events; a training job's phases run on its backbone.
+        backbone = claim.config.get("backbone") or (DEFAULT_BACKBONE if claim.kind == JobKind.train else None)
+        self._tracker = ProgressTracker(backbone=backbone)
         self._last_write = 0.0
-        self._train_started: float | None = None
         self._last_checkpoint: float | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -95,14 +106,22 @@ class LeaseControl:
         if self.worker.drain_deadline is not None and time.monotonic() >= self.worker.drain_deadline:
             raise StopJob("shutdown")
 
-    def save_checkpoint(self, epoch: int, state: dict) -> None:
+    def save_checkpoint(self, epoch: int, state: dict | Callable[[], dict]) -> None:
         """Training loops call this at each epoch end; a retry of the job resumes from it.
-        Saved at most every `checkpoint_interval_s`: short epochs should not pay for a write each."""
+        Saved at most every `checkpoint_interval_s`: short epochs should not pay for a write each.
+        `state` may be a function, called only when a checkpoint is written. An object store that
+        cannot be reached costs this checkpoint, not the job: the next one is tried at the next epoch."""
         now = time.monotonic()
         if self._last_checkpoint is not None and now - self._last_checkpoint < self.settings.checkpoint_interval_s:
             return
+        try:
+            relative = write_checkpoint(self.settings, self.claim.job_id, self.claim.lease_token, epoch,
+                                        state() if callable(state) else state)
+        except StorageUnavailable as exc:
+            log.warning("checkpoint of job %s at %d not stored: %s", self.claim.job_id, epoch, exc.detail,
+                        extra={"action": "checkpoint_skipped"})
+            return
         self._last_checkpoint = now
-        relative = write_checkpoint(self.settings, self.claim.job_id, self.claim.lease_token, epoch, state)
         if self.queue.record_checkpoint(self.claim, epoch, relative):
             prune_checkpoints(self.settings, self.claim.job_id, keep=relative)
         else:
@@ -116,35 +135,14 @@ class LeaseControl:
         return read_checkpoint(self.settings, self.claim.checkpoint_file)
 
     def progress(self, update: dict) -> None:
-        new_phase = update.get("phase") != self._progress.get("phase")
-        self._progress = {**self._progress, **update}
-        self._add_rates()
-        epoch_end = "val_accuracy" in update
+        """Fold the update into the job's progress (workers/progress.py: the shape, rate, ETA, which
+        updates are events); the row is written at most every PROGRESS_EVERY_S, and with each event."""
+        events = self._tracker.update(update)
         now = time.monotonic()
-        if new_phase or epoch_end or now - self._last_write >= self.PROGRESS_EVERY_S:
+        if events or now - self._last_write >= self.PROGRESS_EVERY_S:
             self._last_write = now
-            event = ({"kind": "epoch", **{k: update[k] for k in ("epoch", "epochs", "train_loss", "val_loss",
-                                                                  "val_accuracy") if k in update}}
-                     if epoch_end else None)
-            if not self.queue.report_progress(self.claim, self._progress, event):
+            if not self.queue.report_progress(self.claim, self._tracker.progress, events):
                 self.stop_reason = self.stop_reason or "lost"
-
-    def _add_rates(self) -> None:
-        """images/s and ETA from how far through the epochs*steps the job is."""
-        p = self._progress
-        if p.get("phase") != "training" or not p.get("epochs"):
-            return
-        if self._train_started is None:
-            self._train_started = time.monotonic()
-            return
-        steps = p.get("steps") or 1
-        done = (p.get("epoch", 1) - 1) * steps + p.get("step", steps)
-        total = p["epochs"] * steps
-        elapsed = time.monotonic() - self._train_started
-        if done > 0 and elapsed > 0:
-            p["eta_s"] = round(elapsed / done * max(0, total - done), 1)
-            if "steps" in p:  # per-step progress: fine-tuning loops
-                p["images_per_s"] = round(done * self.claim.config.get("batch_size", 1) / elapsed, 1)
 
 
 class Worker:
@@ -156,24 +154,27 @@ class Worker:
         self.db = Database(settings.database_url)
         self.queue = JobQueue(self.db, stale_after_s=settings.stale_after_s,
                               retry_backoff_s=settings.retry_backoff_s)
-        self.blobs = BlobStore(settings.blobs_dir)
+        self.blobs = BlobStore.for_settings(settings)
         self.device = resolve_device(settings.worker_device)
         self.shutdown = threading.Event()
         self.drain_deadline: float | None = None  # set on SIGTERM: when the current job must stop
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.decoded = DecodedCache(settings.decoded_cache_dir, settings.decoded_cache_mb * 2**20)
-        self._pretrained: dict[str, torch.nn.Module] = {}  # pristine backbones, copied for each job
+        memory = settings.worker_memory_mb * 2**20  # what this worker holds of jobs' data (issue 22)
+        self.decoded = DecodedCache(settings.decoded_cache_dir, settings.decoded_cache_mb * 2**20, memory_bytes=memory)
+        REUSED_FEATURES.max_bytes = min(256 * 2**20, memory // 4)
+        use_registry(settings.backbone_registry_file)  # the operator's extra backbones on this machine
+        self._pretrained: dict[str, torch.nn.Module] = {}  # pristine backbones (by weights_key), copied for each job
         if self.device.type == "cuda" and settings.warm_up_worker:
             self.warm_up()
 
     def pretrained_features(self, spec: BackboneSpec) -> torch.nn.Module:
         """A fresh copy of the backbone's pretrained features: read from disk once per worker."""
-        if spec.name not in self._pretrained:
+        if spec.weights_key not in self._pretrained:
             pristine = spec.build_features(pretrained=True, allow_downloads=self.settings.allow_downloads)
             pretrained_fingerprint(spec.name, pristine)  # what write_artifact compares a trained backbone with
-            self._pretrained[spec.name] = pristine
-        return copy.deepcopy(self._pretrained[spec.name])
+            self._pretrained[spec.weights_key] = pristine
+        return copy.deepcopy(self._pretrained[spec.weights_key])
 
     def warm_up(self) -> None:
         """Initialise CUDA, cuDNN, cuBLAS and the fused optimizer with one training step and one
@@ -262,6 +263,10 @@ class Worker:
                 self._stopped(claim, stop.reason)
             except JobError as err:
                 self._fail(claim, err.code, err.message, retryable=False)
+            except StorageUnavailable as exc:  # not the user's fault, nor the job's: it runs again later
+                log.warning("job %s waits for the object store: %s", claim.job_id, exc.detail,
+                            extra={"action": "storage_defer"})
+                self.queue.defer(claim, "storage_unavailable", exc.detail, exc.retry_after_s)
             except (torch.cuda.OutOfMemoryError, MemoryError):
                 self._fail(claim, "out_of_memory", "the worker ran out of memory; try a smaller "
                            "batch_size or image_size", retryable=True)
@@ -271,6 +276,11 @@ class Worker:
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # a cancelled or failed job leaves the GPU free
+
+    def _training_data(self, claim: Claim, config: TrainConfig, spec: BackboneSpec, control: LeaseControl):
+        pre = spec.preprocessing.at_size(config.image_size or spec.preprocessing.input_size)
+        return load_training_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded,
+                                  project_id=claim.project_id)
 
     def _fail(self, claim: Claim, code: str, message: str, *, retryable: bool) -> None:
         if self.queue.fail(claim, code, message, retryable=retryable) == "failed":
@@ -286,29 +296,100 @@ class Worker:
 
     def _train_and_publish(self, claim: Claim, control: LeaseControl) -> None:
         config = TrainConfig.model_validate(claim.config)
-        spec = get_backbone(config.backbone)
-        pre = spec.preprocessing.at_size(config.image_size)
+        spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
+        base = None
         try:
-            features = self.pretrained_features(spec)
-        except WeightsUnavailable as exc:
-            raise JobError("weights_missing", str(exc)) from None
-        data = load_training_data(self.db, self.blobs, claim.dataset_id, config, pre, control, self.decoded,
-                                  project_id=claim.project_id)
-        result = train(config, data, features, spec.feature_dim, control, self.device)
+            base = self._base_start(claim, config) if config.base_model_id else None
+            features = base.features() if base is not None else self.pretrained_features(spec)
+        except WeightsUnavailable as exc:  # missing, or not the file recorded (sha256): retrying will not help
+            raise JobError("weights_mismatch" if isinstance(exc, WeightsMismatch) else "weights_missing",
+                           str(exc)) from None
+        data = self._training_data(claim, config, spec, control)
+        if config.backbone is None:  # auto may choose another backbone: the same images, decoded for it
+            data.at_backbone = lambda name: (self._training_data(claim, config, get_backbone(name), control),
+                                             self.pretrained_features(get_backbone(name)))
+        head: dict = {}  # how a base model's head seeded the new one (explicit recipes that train a head)
+        result = train(config, data, features, spec.feature_dim, control, self.device,
+                       init_head=(lambda c: head.update(base.seed_head(c, data.classes))) if base else None)
         control.stop_if_asked()
+        spec = get_backbone(result.recipe["backbone"])
+        pre = result.preprocessing or data.preprocessing
         model_id = uuid.uuid4().hex
         metrics = {**result.metrics, "history": result.history, "device": str(self.device)}
+        extra = evaluation_files(result, data)  # the held-out predictions per image (issue 19)
+        if extra:
+            metrics["held_out"] = held_out_summary(extra)
+        if base is not None:
+            metrics["base_model"] = self._compare_with_base(base, data, result, extra, head, control)
         manifest = {"model_id": model_id, "job_id": claim.job_id, "dataset_id": claim.dataset_id,
                     "backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict(),
                     "recipe": result.recipe, "metrics": metrics, "created_at": utcnow().isoformat()}
-        path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest)
+        path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest, extra)
         model = ModelRecord(id=model_id, backbone=spec.name, classes=data.classes, metrics=metrics,
                             recipe=result.recipe, artifact_dir=self.settings.relative_to_data(path), sha256=digest,
                             size_bytes=size)
+        storage = store_for(self.settings)
+        try:
+            storage.commit_tree(model.artifact_dir)  # an object store: uploaded before the row points at it
+        except StorageUnavailable:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         if not self.queue.publish(claim, model):
             shutil.rmtree(path, ignore_errors=True)  # another worker owns the job now
+            storage.delete_prefix(model.artifact_dir)
             log.warning("lease lost before publishing job %s", claim.job_id, extra={"action": "publish_lost"})
             return
         prune_checkpoints(self.settings, claim.job_id, keep=None)
         log.info("job %s succeeded: model %s, val_accuracy %.4f", claim.job_id, model_id,
                  metrics["val_accuracy"], extra={"action": "job_done"})
+
+    # -- training on from a model (issue 19) -----------------------------------------------------
+
+    def _base_start(self, claim: Claim, config: TrainConfig) -> BaseStart:
+        """The model a base_model_id job starts from, looked up again (it may have gone since the job
+        was queued), with the images it trained on."""
+        with self.db.session() as s:
+            row = s.get(Model, config.base_model_id)
+            if row is None or row.project_id != claim.project_id:
+                raise JobError("base_model_missing", f"base model {config.base_model_id} no longer exists")
+            dataset = images_for_training(s, row.dataset_id)
+            model_id, artifact_dir, sha, metrics = row.id, row.artifact_dir, row.sha256, dict(row.metrics or {})
+        storage = store_for(self.settings)
+        try:
+            folder = storage.fetch_files(artifact_dir, (WEIGHTS_FILE, MANIFEST_FILE))
+            loaded = load_artifact(folder, sha, allow_downloads=self.settings.allow_downloads)
+        except (ArtifactCorrupt, FileNotFoundError):
+            raise JobError("base_model_unusable", f"base model {model_id}'s stored file is missing or failed its "
+                           "sha256 check; train without base_model_id") from None
+        if loaded.manifest["backbone"] != config.backbone:
+            raise JobError("base_model_backbone", f"base model {model_id} is a {loaded.manifest['backbone']} model; "
+                           f"this job's backbone is {config.backbone}")
+        held = None
+        try:
+            document = read_evaluation(storage.fetch(f"{artifact_dir}/{EVALUATION_FILE}").read_bytes())
+            held = {r["image_id"] for r in document["rows"] if r["subset"] == VALIDATION}
+        except (FileNotFoundError, ValueError):
+            pass  # a model from before held-out predictions were kept
+        images = [(i.sha256, i.split) for i in dataset.images] if dataset is not None else []
+        return BaseStart(model_id, loaded, trained_ids(images, held, (metrics.get("trained_on") or {}).get("splits")))
+
+    def _compare_with_base(self, base: BaseStart, data, result, extra: dict, head: dict, control) -> dict:
+        """metrics.base_model: the classes carried over, how the head started, and the base against the
+        new model on the new model's held-out images."""
+        out = {"id": base.model_id, **class_changes(base.classes, data.classes),
+               "head": head or {"note": "fitted afresh: a logistic-regression head (solver lbfgs) or auto's "
+                                        "search starts from the base model's backbone only"}}
+        if not extra:
+            return out
+        rows = [r for r in read_evaluation(extra[EVALUATION_FILE])["rows"] if r["subset"] == VALIDATION]
+        control.progress({"phase": "comparing with the base model", "images": len(rows)})
+        positions, n_train = result.held_out.rows.tolist(), len(data.train_y)
+
+        def squares(start: int, stop: int) -> torch.Tensor:
+            return torch.stack([data.train_x[p] if p < n_train else data.val_x[p - n_train]
+                                for p in positions[start:stop]])
+
+        labels = base_predictions(base, [r["image_id"] for r in rows], squares, data.preprocessing,
+                                  self.blobs.read, torch.device("cpu"))
+        out["compared_on"] = {"predictions": result.held_out.predictions, **compare(base, rows, labels)}
+        return out

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
+import math
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +38,7 @@ from service.store import aliases as aliases_store
 from service.store.tables import DEFAULT_PROJECT_ID, ApiKey, Project
 
 KEY_PREFIX = "graft_"
+log = logging.getLogger("graft.api")
 
 GRANTS = {Scope.admin: frozenset(Scope), Scope.train: frozenset({Scope.train, Scope.predict}),
           Scope.predict: frozenset({Scope.predict})}
@@ -185,26 +187,43 @@ PredictCaller = Annotated[Caller, require("predict")]
 
 
 class RateLimiter:
-    """Token buckets per (project, kind), in this API process: `rate` requests a minute, bursts up to it."""
+    """Per (project, kind): at most `per_minute` requests in any 60 s (a moving window, the `limits`
+    library). Counted where GRAFT_RATE_LIMIT_STORAGE says: memory:// in this API process, or
+    redis://… shared by every process and replica. A limiter store that cannot be reached lets
+    requests through (logged): an outage of the counter must not stop predictions."""
 
-    def __init__(self):
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
-        self._lock = threading.Lock()
+    WARN_EVERY_S = 30.0
+
+    def __init__(self, storage_uri: str = "memory://"):
+        from limits.storage import storage_from_string
+        from limits.strategies import MovingWindowRateLimiter
+
+        options = {"key_prefix": "graft", "wrap_exceptions": True, "socket_timeout": 1.0,
+                   "socket_connect_timeout": 1.0} if storage_uri.startswith(("redis", "rediss")) else {}
+        self.storage = storage_from_string(storage_uri, **options)
+        self._limiter = MovingWindowRateLimiter(self.storage)
+        self._warned_at = 0.0
 
     def hit(self, project_id: str, kind: str, per_minute: int) -> None:
+        from limits import RateLimitItemPerMinute
+        from limits.errors import StorageError
+
         if per_minute <= 0:
             return
-        rate = per_minute / 60.0
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get((project_id, kind), (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * rate)
-            if tokens < 1.0:
-                retry = max(1, int((1.0 - tokens) / rate + 0.999))
-                self._buckets[(project_id, kind)] = (tokens, now)
-                raise TooManyRequests(f"rate limit of {per_minute} {kind} requests a minute reached; "
-                                      f"retry in {retry} s", headers={"Retry-After": str(retry)})
-            self._buckets[(project_id, kind)] = (tokens - 1.0, now)
+        item = RateLimitItemPerMinute(per_minute)
+        try:
+            if self._limiter.hit(item, project_id, kind):
+                return
+            reset_at = self._limiter.get_window_stats(item, project_id, kind).reset_time
+        except StorageError as exc:
+            if time.monotonic() - self._warned_at > self.WARN_EVERY_S:
+                self._warned_at = time.monotonic()
+                log.warning("rate limits not counted: the limiter store is unreachable (%s)", exc,
+                            extra={"action": "rate_limit_store_down"})
+            return
+        retry = max(1, math.ceil(reset_at - time.time()))
+        raise TooManyRequests(f"rate limit of {per_minute} {kind} requests a minute reached; "
+                              f"retry in {retry} s", headers={"Retry-After": str(retry)})
 
 
 def project_named(session, name: str) -> Project | None:

@@ -38,6 +38,7 @@ from service.api.problems import problem
 from service.api.schemas import Readiness
 from service.enums import TERMINAL, JobStatus
 from service.store.queue import JobQueue
+from service.store.objects import store_for
 from service.store.tables import Model
 
 log = logging.getLogger("graft.http")
@@ -328,8 +329,10 @@ def _store_writable(settings) -> dict:
         if not Path(folder).is_dir():
             raise RuntimeError(f"{folder} is missing")
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".readyz-"):
-            pass  # created and removed: the store takes writes
-    return {"path": str(Path(settings.data_dir).resolve()), "free_bytes": shutil.disk_usage(settings.data_dir).free}
+            pass  # created and removed: the store (or, with an object store, this machine's cache) takes writes
+    remote = store_for(settings).check() if settings.storage_url else {}  # an object store: a PUT and a DELETE
+    return {"path": str(Path(settings.data_dir).resolve()), "free_bytes": shutil.disk_usage(settings.data_dir).free,
+            **remote}
 
 
 def schema_heads() -> set[str]:

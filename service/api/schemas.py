@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field, model_validator
 
 from service.enums import JobKind, JobStatus, Scope
 from service.webhooks.events import DeliveryStatus, WebhookEvent
@@ -21,12 +21,21 @@ class Rejection(BaseModel):
 
 
 class BackboneOut(Out):
-    name: str
+    name: str = Field(description="what a job's `backbone` names")
+    source: Literal["package", "torchvision", "timm", "registered"] = Field(description=(
+        "where the weights come from: package (installed with Graft), torchvision (the torch hub cache), "
+        "timm (timm/<model>: the Hugging Face cache), registered (a file the operator registered)"))
     weights_available: bool
-    input_size: int
+    input_size: int = Field(description="the native crop side in pixels (a job's default image_size)")
+    fixed_input_size: bool = Field(description="true: image_size must be input_size (ViT position embeddings)")
     feature_dim: int
-    weights_path: str | None = Field(description="where the weights are read from; null when they ship in a "
-                                                 "Python package that is not installed")
+    fine_tune_top: bool = Field(description="whether strategy fine_tune_top can cut this backbone between stages")
+    weights_path: str | None = Field(description="where the weights are read from, or expected; null when they ship "
+                                                 "in a Python package that is not installed")
+    weights_bytes: int | None = Field(None, description="size of the weights file; null when it is not on this machine")
+    timm_arch: str | None = Field(None, description="timm backbones: the timm model (architecture and pretrained "
+                                                    "config)")
+    sha256: str | None = Field(None, description="registered backbones: the file's sha256, checked at every load")
 
 
 class ImageRef(BaseModel):
@@ -135,6 +144,17 @@ class JobCreate(TrainConfig):
     dataset_id: str = Field(min_length=1, max_length=64)
     priority: int = Field(0, ge=-100, le=100, description="lower runs first")
     device: Literal["any", "gpu"] = Field("any", description="gpu: only a GPU worker may run it")
+    # The fields the request itself gave (not null), before defaults were filled in: a base model's
+    # backbone and image size fill only what the caller left out (service/datasets/lineage.py).
+    _given: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_given(cls, data, handler):
+        job = handler(data)
+        if isinstance(data, dict):
+            job._given = frozenset(k for k, v in data.items() if v is not None)
+        return job
 
 
 class JobError(BaseModel):
@@ -152,7 +172,11 @@ class JobOut(Out):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int
-    progress: dict
+    progress: dict = Field(description=(
+        "what the job is doing: its current phase (phase, unit, done, total, rate per second, eta_s, "
+        "elapsed_s, and the phase's own fields such as epoch or candidate), every phase so far "
+        "(phases) and, for strategy auto, the finished candidates best first (leaderboard); the "
+        "events of kind progress, epoch and candidate carry the same as it happens"))
     model_id: str | None
     error: JobError | None = None
     cancel_requested: bool
@@ -184,6 +208,19 @@ class ModelOut(Out):
     sha256: str
     size_bytes: int
     dataset_version: int | None = Field(None, description="the version of the dataset it was trained on")
+
+    @computed_field(description="the model's plots as PNG (GET each URL): training_curves, confusion_matrix, "
+                                "reliability, precision_recall, where the model has their data")
+    @property
+    def plots(self) -> dict[str, str]:
+        from service.serving.insights import plot_names
+        return {name: f"/v1/models/{self.id}/plots/{name}" for name in plot_names(self.metrics)}
+
+    @computed_field(description="its held-out predictions per image (GET); null for a model trained before "
+                                "Graft kept them")
+    @property
+    def evaluation(self) -> str | None:
+        return f"/v1/models/{self.id}/evaluation" if self.metrics.get("held_out") else None
 
 
 class Prediction(BaseModel):
@@ -395,3 +432,56 @@ class BatchPredictionOut(BaseModel):
     cancel_requested: bool
     error: JobError | None = None
     links: BatchLinks
+
+
+# -- explanations and held-out predictions (issue 19) --------------------------------------------
+
+class Overlay(BaseModel):
+    media_type: Literal["image/png"]
+    width: int
+    height: int
+    data: str = Field(description="the PNG, base64: the crop the model sees with the heatmap blended over it")
+
+
+class Heatmap(BaseModel):
+    shape: list[int] = Field(description="[height, width] of the last convolutional stage's map")
+    values: list[list[float]] = Field(description="the map (Grad-CAM: >= 0, unnormalized), row by row")
+
+
+class Explanation(BaseModel):
+    filename: str
+    label: str = Field(description="the label explained: the one asked for, else the top prediction")
+    score: float = Field(description="its calibrated probability, as /predict answers")
+    predictions: list[Prediction] = Field(description="the top labels, as /predict answers")
+    overlay: Overlay
+    heatmap: Heatmap | None = Field(None, description="the raw map, with raw=true")
+
+
+class ExplainResponse(BaseModel):
+    model_id: str
+    method: Literal["gradcam", "gradcampp"]
+    results: list[Explanation]
+
+
+class HeldOutRow(BaseModel):
+    image_id: str = Field(description="the image's id (sha256) in the dataset the model trained on")
+    subset: Literal["validation", "test"]
+    split: Literal["train", "val", "test"] = Field(description="the image's role in the job that trained the model")
+    true_label: str
+    predicted_label: str
+    correct: bool
+    probability: float = Field(description="calibrated probability of the predicted label")
+    true_probability: float = Field(description="calibrated probability of the true label")
+    loss: float = Field(description="-log(true_probability): the top losses are the worst mistakes")
+    thumbnail: str = Field(description="GET: a small JPEG of the image")
+
+
+class EvaluationOut(BaseModel):
+    model_id: str
+    dataset_id: str
+    predictions: str = Field(description="val: the model's own, on images it did not train on; out of fold: "
+                                         "auto's cross-validation, each image by a fold model that did not see it")
+    subset: Literal["validation", "test"]
+    total: int = Field(description="rows matching the filters")
+    offset: int
+    rows: list[HeldOutRow]

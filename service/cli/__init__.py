@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from service.cli import server, commands  # noqa: F401,I001  (they register their commands on `app`, in this order)
+from service.cli import server, commands, backbones  # noqa: F401,I001  (they register their commands on `app`, in this order)
 from service.cli.base import app, err
 from service.client import GraftAPIError
 

@@ -191,11 +191,11 @@ def jobs_watch(ctx: typer.Context, job_id: str, as_json: JsonOpt = False):
 
 
 def _watch(client: GraftClient, job: dict, as_json: bool) -> None:
+    view = _JobView(err, quiet=as_json)
     try:
-        with _training_progress(as_json) as progress:
-            task = progress.add_task(job["status"], total=job["config"].get("epochs"), stats="")
+        with view:
             for event in client.watch_job(job["id"]):
-                _show_event(progress, task, event)
+                view.show(event)
     except KeyboardInterrupt:
         err.print(f"stopped watching; job {job['id']} goes on (`graft jobs cancel {job['id']}` stops it)")
         raise typer.Exit(130)
@@ -212,24 +212,197 @@ def _watch(client: GraftClient, job: dict, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-def _show_event(progress: Progress, task, event: dict) -> None:
-    data = event["data"]
-    if event["kind"] == "status":
-        progress.update(task, description=data.get("status", ""))
-    elif event["kind"] == "epoch" or "val_accuracy" in data:
+class _JobView:
+    """A job as its events tell it (the progress shape of workers/progress.py): one bar per phase,
+    the candidate being tried and the leaderboard of finished ones. Live on a terminal; elsewhere
+    (a pipe, a log) one line per event, which the server keeps to a bounded number per phase."""
+
+    def __init__(self, console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.live = not quiet and console.is_terminal
+        self.bars = Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description:<28}"),
+                             BarColumn(), TextColumn("{task.fields[count]}"), TextColumn("{task.fields[speed]}"),
+                             TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[stats]}"),
+                             console=console, auto_refresh=False)
+        self.tasks: dict[tuple, Any] = {}
+        self.current: tuple | None = None
+        self.status, self.candidate, self.leaderboard = "queued", None, []
+        self._live = None
+
+    def __enter__(self) -> _JobView:
+        if self.live:
+            from rich.live import Live
+            self._live = Live(self, console=self.console, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+        parts: list = [Text.assemble(("job ", "dim"), (self.status, "bold"))]
+        if self.tasks:
+            parts.append(self.bars)
+        if self.candidate:
+            parts.append(Text(f"trying {_recipe_text(self.candidate)}", overflow="fold"))
+        if self.leaderboard:
+            parts.append(_leaderboard_table(self.leaderboard))
+        return Group(*parts)
+
+    def show(self, event: dict) -> None:
+        data, kind = event.get("data") or {}, event.get("kind")
+        if kind == "status":
+            self.status = str(data.get("status", ""))
+            if self.status in ("succeeded", "failed", "cancelled"):
+                self.candidate = None
+                if self.current is not None:
+                    self._leave(self.current)
+            self._line(f"job {self.status}" + "".join(f"  {k} {data[k]}" for k in ("attempt", "reason", "error_code")
+                                                       if data.get(k) is not None))
+        elif kind == "progress":
+            self._progress(data)
+        elif kind == "epoch":
+            self._epoch(data)
+        elif kind == "candidate":
+            self._finished(data)
+        elif kind == "warning":
+            self._line(f"[yellow]warning:[/] {data.get('message', data)}", markup=True)
+        else:
+            self._line(str(kind).replace("_", " "))
+        if self._live is not None:
+            self._live.refresh()
+
+    # -- what each event changes ------------------------------------------------------------------
+
+    def _progress(self, data: dict) -> None:
+        for phase in data.get("phases") or []:  # a whole progress dict (polling an older server's way)
+            key = (phase.get("phase"), phase.get("backbone"))
+            if key != _key(data):
+                self._bar(key, phase, finished=True)
+        if data.get("leaderboard") is not None:
+            self.leaderboard = list(data["leaderboard"])
+        key = _key(data)
+        if self.current is not None and key != self.current:
+            self._leave(self.current)
+        self.current = key
+        self._bar(key, data)
+        if "candidate" in data:
+            self.candidate = data["candidate"] if isinstance(data["candidate"], dict) else None
+        task = self.bars.tasks[self._task(key)]
+        self._line(f"{task.description}  {task.fields['count']}  {task.fields['speed']}  {task.fields['eta']}  "
+                   f"{task.fields['stats']}".rstrip())
+
+    def _epoch(self, data: dict) -> None:
         stats = f"train_loss {data.get('train_loss', 0):.4f}  val_acc {data.get('val_accuracy', 0):.3f}"
-        progress.update(task, description="training", completed=data.get("epoch"),
-                        total=data.get("epochs"), stats=stats)
-    elif event["kind"] == "warning":
-        progress.console.print(f"[yellow]warning:[/] {data.get('message', data)}", highlight=False)
-    elif data.get("phase"):
-        progress.update(task, description=str(data["phase"]))
+        key = self.current if self.current and self.current[0] == "training" else ("training", None)
+        if key not in self.tasks or self.bars.tasks[self.tasks[key]].fields.get("unit") == "epochs":
+            # a server that sends epochs only: the bar counts them
+            if self.current is not None and self.current != key:
+                self._leave(self.current)
+            self._bar(key, {"phase": "training", "unit": "epochs", "done": data.get("epoch"),
+                            "total": data.get("epochs")})
+            self.current = key
+        self.bars.update(self.tasks[key], stats=stats)
+        self._line(f"training  epoch {data.get('epoch')}/{data.get('epochs')}  {stats}")
+
+    def _finished(self, data: dict) -> None:
+        entry = {k: v for k, v in data.items() if k not in ("rank", "of", "created_at")}
+        self.leaderboard = sorted([*self.leaderboard, entry],
+                                  key=lambda e: (-(e.get("val_accuracy") or 0.0), e.get("val_loss") or 0.0))
+        self._line(f"scored {_recipe_text(data.get('recipe') or {})}  val_accuracy {data.get('val_accuracy', 0):.4f} "
+                   f"({data.get('scored_on', '')}, {data.get('seconds', 0):.1f} s): rank {data.get('rank', '?')} of "
+                   f"{data.get('of', '?')}")
+
+    # -- bars ------------------------------------------------------------------------------------
+
+    def _task(self, key: tuple):
+        if key not in self.tasks:
+            self.tasks[key] = self.bars.add_task(str(key[0]), total=None, unit="", count="", speed="", eta="",
+                                                 stats="")
+            self._relabel()
+        return self.tasks[key]
+
+    def _relabel(self) -> None:
+        """Name the backbone on each bar once the job has run more than one."""
+        backbones = {b for _, b in self.tasks if b}
+        for (phase, backbone), task in self.tasks.items():
+            self.bars.update(task, description=f"{phase} · {backbone}" if len(backbones) > 1 and backbone else phase)
+
+    def _bar(self, key: tuple, p: dict, finished: bool = False) -> None:
+        done, total, unit = p.get("done"), p.get("total"), p.get("unit") or ""
+        count = f"{done:,}/{total:,} {unit}" if done is not None and total is not None else (
+            f"{done:,} {unit}" if done is not None else "")
+        rate, eta = p.get("rate"), p.get("eta_s")
+        fields = {"unit": unit, "count": count.strip(), "speed": f"{rate:,.3g} {unit}/s" if rate and not finished else "",
+                  "eta": f"ETA {_duration(eta)}" if eta is not None and not finished and done != total else ""}
+        stats = _phase_stats(p)
+        if stats:
+            fields["stats"] = stats
+        task = self._task(key)
+        if finished:
+            whole = max(done or 0, 1)
+            self.bars.update(task, total=total if total and done == total else whole, completed=whole, **fields)
+        else:
+            self.bars.update(task, total=total or None, completed=done or 0, **fields)
+
+    def _leave(self, key: tuple) -> None:
+        """A phase that ended shows full, with what it really counted."""
+        task = self.bars.tasks[self.tasks[key]]
+        done = int(task.completed)
+        self.bars.update(task.id, total=max(done, 1), completed=max(done, 1), speed="", eta="")
+
+    def _line(self, text: str, markup: bool = False) -> None:
+        if not self.quiet and not self.live:
+            self.console.print(text, markup=markup, highlight=False, soft_wrap=True)
 
 
-def _training_progress(quiet: bool) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("epochs"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                    console=err, disable=quiet)
+def _key(p: dict) -> tuple:
+    return (p.get("phase"), p.get("backbone"))
+
+
+def _phase_stats(p: dict) -> str:
+    """What else a person wants to see of a phase: its epoch and scores, its fold."""
+    out = []
+    if p.get("epoch") is not None and p.get("epochs"):
+        out.append(f"epoch {p['epoch']}/{p['epochs']}")
+    if p.get("val_accuracy") is not None:
+        out.append(f"val_acc {p['val_accuracy']:.3f}")
+    if p.get("fold") is not None and p.get("unit") != "folds":
+        out.append(f"fold {p['fold']}")
+    return "  ".join(out)
+
+
+def _recipe_text(recipe: dict, keys: set | None = None) -> str:
+    """A recipe in words; with `keys`, only those (a leaderboard names what differs between its rows)."""
+    names = {"logistic_c": "C", "learning_rate": "lr", "unfreeze_stages": "stages"}
+    shown = [k for k in recipe if k != "strategy" and (k in keys if keys is not None else k != "backbone")]
+    words = [str(recipe[k]) if k == "backbone" else f"{names.get(k, k)}={recipe[k]}" for k in shown]
+    return " ".join([str(recipe.get("strategy", "")), *words]).strip()
+
+
+def _varying_keys(recipes: list[dict]) -> set:
+    keys = {k for r in recipes for k in r}
+    return {k for k in keys if len({json.dumps(r.get(k)) for r in recipes}) > 1}
+
+
+def _leaderboard_table(entries: list[dict], limit: int = 8) -> Table:
+    table = Table("#", "candidate", "val_accuracy", "val_loss", "scored on", "seconds", title="candidates so far",
+                  title_justify="left")
+    keys = _varying_keys([e.get("recipe") or {} for e in entries]) if len(entries) > 1 else None
+    for i, e in enumerate(entries[:limit], start=1):
+        table.add_row(str(i), _recipe_text(e.get("recipe") or {}, keys), f"{e.get('val_accuracy', 0):.4f}",
+                      f"{e.get('val_loss', 0):.4f}", str(e.get("scored_on", "")), f"{e.get('seconds', 0):.1f}")
+    if len(entries) > limit:
+        table.add_row("…", f"{len(entries) - limit} more", "", "", "", "")
+    return table
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
 def _transfer_progress() -> Progress:
@@ -278,7 +451,9 @@ def jobs_list(ctx: typer.Context,
     table = Table("id", "status", "dataset", "strategy", "progress", "created", "model", title="jobs")
     for j in rows:
         p = j["progress"]
-        progress = f"{p['epoch']}/{p['epochs']}" if "epoch" in p else p.get("phase", "")
+        count = f" {p['done']}/{p['total']}" if p.get("done") is not None and p.get("total") else ""
+        progress = f"{p.get('phase', '')}{count}" if p.get("phase") else (
+            f"{p['epoch']}/{p['epochs']}" if "epoch" in p else "")
         table.add_row(j["id"], _status(j["status"]), j["dataset_id"], str(j["config"].get("strategy")),
                       progress, _when(j["created_at"]), j["model_id"] or "")
     out.print(table)

@@ -19,6 +19,9 @@ from service.enums import Scope
 def serve(host: Annotated[Optional[str], typer.Option(help="bind address (GRAFT_HOST, default 127.0.0.1)")] = None,
           port: Annotated[Optional[int], typer.Option(help="port (GRAFT_PORT, default 8000)")] = None,
           workers: Annotated[Optional[int], typer.Option(help="worker processes (GRAFT_WORKERS, default 1)")] = None,
+          api_processes: Annotated[Optional[int], typer.Option(
+              help="API processes on the one port, each with its own inference engine (GRAFT_API_PROCESSES, "
+                   "default 1); set GRAFT_RATE_LIMIT_STORAGE=redis://… so rate limits hold across them")] = None,
           no_migrate: Annotated[bool, typer.Option("--no-migrate", help="do not apply migrations at start")] = False,
           log_format: LogFormatOpt = LogFormat.auto):
     """Run the API with worker child processes (the embedded default)."""
@@ -26,7 +29,7 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address (GRAFT_
 
     from service.app import create_app
 
-    settings = _settings(log_format, host=host, port=port, workers=workers)
+    settings = _settings(log_format, host=host, port=port, workers=workers, api_processes=api_processes)
     from service.api.auth import auth_is_open, check_exposure
     from service.api.routes.health import OPEN_WARNING
 
@@ -43,11 +46,23 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address (GRAFT_
     children = WorkerProcesses(settings, log_format.value)
     children.start()
     try:
-        log.info("Graft API on http://%s:%d with %d worker(s); data in %s", settings.host, settings.port,
-                 settings.workers, settings.data_dir.resolve(), extra={"action": "serve_start"})
+        log.info("Graft API on http://%s:%d (%d process(es)) with %d worker(s); data in %s", settings.host,
+                 settings.port, settings.api_processes, settings.workers, settings.data_dir.resolve(),
+                 extra={"action": "serve_start"})
         # Our logging config stays; the request middleware writes the access log (with request ids).
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                    access_log=False)
+        if settings.api_processes > 1:
+            # uvicorn's supervisor binds the port once and starts N processes that accept on it; each
+            # builds its own app (engine, model cache, dispatcher) from the environment, so the
+            # options given here travel there.
+            os.environ.update({"GRAFT_HOST": settings.host, "GRAFT_PORT": str(settings.port),
+                               "GRAFT_LOG_FORMAT": log_format.value, "GRAFT_DATA_DIR": str(settings.data_dir.resolve()),
+                               "GRAFT_DATABASE_URL": settings.database_url})
+            uvicorn.run("service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                        workers=settings.api_processes, log_config=None, access_log=False,
+                        timeout_worker_healthcheck=120)  # importing torch on a busy machine is slow
+        else:
+            uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                        access_log=False)
     finally:
         # Workers get their drain time (finish or checkpoint the job, hand it back) before a kill.
         children.stop(grace_s=getattr(settings, "shutdown_grace_s", 10.0) + 5.0)

@@ -26,7 +26,8 @@ from service.settings import Settings
 from service.store.queue import JobQueue
 from service.store.tables import Dataset, DatasetImage, Job, Model
 from workers.artifacts import ArtifactCorrupt, BackboneMismatch
-from workers.backbones import WeightsUnavailable
+from workers.backbone_registry import RegistryError
+from workers.backbones import UnknownBackbone, WeightsUnavailable
 from workers.data import DatasetImages, LabeledImage
 
 MAX_LISTED_IN_ERRORS = 1000
@@ -259,5 +260,7 @@ def stored_model_errors(model_id: str) -> Iterator[None]:
         yield
     except (BackboneMismatch, WeightsUnavailable) as exc:  # a linear probe's backbone is the pretrained one
         raise Conflict(f"model {model_id} cannot be served: {exc}") from None
+    except (UnknownBackbone, RegistryError) as exc:  # a registered backbone removed, or the registry unreadable
+        raise Conflict(f"model {model_id} cannot be served: its backbone is not available here: {exc}") from None
     except (ArtifactCorrupt, FileNotFoundError):
         raise Conflict(f"model {model_id}'s stored file is missing or failed its sha256 check; retrain it") from None

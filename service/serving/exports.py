@@ -24,6 +24,7 @@ from torch import nn
 
 from service.enums import ExportFormat
 from service.settings import Settings
+from service.store.objects import StorageUnavailable, store_for
 from service.store.tables import Model
 from workers.artifacts import (FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, Classifier, LoadedModel, load_artifact,
                                sha256_file)
@@ -55,13 +56,16 @@ class Exporter:
     def export(self, row: Model, fmt: ExportFormat) -> Path:
         """The zip for this model and format, built on first request (raises ArtifactCorrupt)."""
         target = self.root / f"{row.id}-{row.sha256[:16]}-{fmt}.zip"
-        if target.is_file():
+        storage, key = store_for(self.settings), self.settings.relative_to_data(target)
+        if target.is_file():  # here (with an object store: cached here once committed)
             return target
         with _EXPORT_LOCK:
-            if target.is_file():
-                return target
+            try:
+                return storage.fetch(key)  # built before, here or on another machine
+            except FileNotFoundError:
+                pass
             self.root.mkdir(parents=True, exist_ok=True)
-            artifact_dir = self.settings.data_path(row.artifact_dir)
+            artifact_dir = storage.fetch_files(row.artifact_dir, (WEIGHTS_FILE, MANIFEST_FILE))
             loaded = _standalone(load_artifact(artifact_dir, row.sha256))  # verifies sha256
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
                 model_file = Path(tmp) / MODEL_FILES[fmt]
@@ -73,6 +77,11 @@ class Exporter:
                     zf.writestr(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
                     zf.writestr("USAGE.md", usage_text(manifest))
                 os.replace(zip_tmp, target)  # readers see a whole zip or none
+            try:
+                storage.commit(key)
+            except StorageUnavailable:
+                target.unlink(missing_ok=True)  # not stored: the next request builds it again
+                raise
         return target
 
 

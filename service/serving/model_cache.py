@@ -11,7 +11,8 @@ from service.errors import InvalidInput
 from service.serving.engine import InferenceEngine
 from service.settings import Settings
 from service.store.tables import Model
-from workers.artifacts import LoadedModel, load_artifact, weight_bytes
+from service.store.objects import store_for
+from workers.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LoadedModel, load_artifact, weight_bytes
 from workers.imaging import ImageRejected
 from workers.preprocessing import decode_square, eval_crop
 
@@ -40,7 +41,8 @@ class ModelCache:
             if row.id in self._models:
                 self._models.move_to_end(row.id)
                 return self._models[row.id]
-        loaded = load_artifact(self.settings.data_path(row.artifact_dir), row.sha256, allow_downloads=self.allow_downloads)
+        folder = store_for(self.settings).fetch_files(row.artifact_dir, (WEIGHTS_FILE, MANIFEST_FILE))
+        loaded = load_artifact(folder, row.sha256, allow_downloads=self.allow_downloads)
         own = loaded.own_bytes  # outside the lock: walks every tensor
         with self._lock:
             if row.id in self._models:  # another request loaded it meanwhile: keep one copy

@@ -160,9 +160,11 @@ async function loadTrainForm() {
   const [backbones, openapi] = await Promise.all([api("/v1/backbones"), api("/openapi.json")]);
   const schema = jobRequestSchema(openapi);
   const backbone = recipeField(schema, "backbone");
-  $("#train-backbone").replaceChildren(...backbones.map((b) =>
+  // No default backbone: the server's choice (strategy auto chooses one), the first option.
+  const serverChoice = backbone.default === null ? [el("option", { value: "" }, "default (auto chooses)")] : [];
+  $("#train-backbone").replaceChildren(...serverChoice, ...backbones.map((b) =>
     el("option", { value: b.name, disabled: !b.weights_available }, b.name + (b.weights_available ? "" : " (no weights)"))));
-  $("#train-backbone").value = backbone.default;
+  $("#train-backbone").value = backbone.default ?? "";
   $("#train-backbone").title = backbone.description;
   const strategy = recipeField(schema, "strategy");
   $("#train-strategy").replaceChildren(...strategy.choices.map((s) => el("option", { value: s }, s)));
@@ -179,8 +181,8 @@ async function loadTrainForm() {
 // -- jobs -------------------------------------------------------------------------------------
 async function startJob(event) {
   event.preventDefault();
-  const body = { dataset_id: $("#train-dataset").value, backbone: $("#train-backbone").value,
-                 strategy: $("#train-strategy").value };
+  const body = { dataset_id: $("#train-dataset").value, strategy: $("#train-strategy").value };
+  if ($("#train-backbone").value) body.backbone = $("#train-backbone").value;
   for (const [field, id] of [["epochs", "#train-epochs"], ["image_size", "#train-image-size"],
                              ["batch_size", "#train-batch-size"]]) {
     if ($(id).value) body[field] = Number($(id).value);
@@ -231,11 +233,38 @@ async function jobFinished(jobId) {
   if (job.model_id) await selectModel(job.model_id);
 }
 
+// A job's progress, as GET /v1/jobs/{id} has it and its events update it (the shape is
+// workers/progress.py's): the current phase's fields (phase, unit, done, total, rate, eta_s, and
+// for auto the candidate being tried), `phases` (every phase so far, in order) and `leaderboard`
+// (auto's finished candidates, best first). `seq` orders two copies: the larger is newer.
+const phaseKey = (p) => `${p.phase}\u0000${p.backbone ?? ""}`;
+const byScore = (a, b) => (b.val_accuracy ?? 0) - (a.val_accuracy ?? 0) || (a.val_loss ?? 0) - (b.val_loss ?? 0);
+
+function withPhase(progress, data) {
+  const old = progress || {};
+  const phases = [...(old.phases || [])];
+  const summary = { phase: data.phase, backbone: data.backbone ?? null, unit: data.unit ?? null,
+                    done: data.done ?? null, total: data.total ?? null, seconds: data.elapsed_s ?? null };
+  const i = phases.findIndex((x) => phaseKey(x) === phaseKey(data));
+  if (i >= 0) phases[i] = summary; else phases.push(summary);
+  const kept = phaseKey(old) === phaseKey(data) ? old : {};  // another phase: its own fields only
+  return { ...kept, ...data, phases, leaderboard: old.leaderboard, seq: Math.max(old.seq ?? 0, data.seq ?? 0) };
+}
+
+function withCandidate(progress, data) {
+  const entry = { ...data };
+  for (const k of ["rank", "of", "created_at"]) delete entry[k];
+  return { ...progress, leaderboard: [...(progress?.leaderboard || []), entry].sort(byScore) };
+}
+
 function applyEvent(jobId, event) {
   const data = event.data || {};
   const job = state.jobs.find((j) => j.id === jobId);
   if (event.kind === "status") updateJob(jobId, { status: data.status, model_id: data.model_id ?? job?.model_id });
-  else if (job) {
+  else if (!job) return;
+  else if (event.kind === "progress") updateJob(jobId, { progress: withPhase(job.progress, data) });
+  else if (event.kind === "candidate") updateJob(jobId, { progress: withCandidate(job.progress, data) });
+  else if (event.kind === "epoch") {
     recordEpoch(jobId, data);
     updateJob(jobId, { progress: { ...job.progress, ...data } });
   }
@@ -303,21 +332,78 @@ async function pollJob(jobId) {
   }
 }
 
+const count = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : "?");
+const duration = (s) => (s >= 60 ? `${Math.floor(s / 60)}:${String(Math.round(s % 60)).padStart(2, "0")}` : `${Math.round(s)} s`);
+
+// A recipe in words; with `keys`, only those (a leaderboard names what differs between its rows).
+function recipeText(r, keys = null) {
+  const names = { logistic_c: "C", learning_rate: "lr", unfreeze_stages: "stages" };
+  const shown = Object.entries(r).filter(([k]) => k !== "strategy" && (keys ? keys.has(k) : k !== "backbone"));
+  return [r.strategy, ...shown.map(([k, v]) => (k === "backbone" ? v : `${names[k] || k}=${v}`))].join(" ");
+}
+
+function varyingKeys(recipes) {
+  const keys = new Set(recipes.flatMap((r) => Object.keys(r)));
+  return new Set([...keys].filter((k) => new Set(recipes.map((r) => JSON.stringify(r[k]))).size > 1));
+}
+
+// The phase a job is in, in words: "extracting features · 120/472 images · 41 images/s · ETA 9 s".
+function phaseText(p, running) {
+  if (!p.phase) return "";
+  const parts = [p.phase];
+  if (p.auto_choice) parts.push(recipeText(p.auto_choice));
+  if (p.done !== undefined && p.done !== null) parts.push(`${count(p.done)}${p.total ? `/${count(p.total)}` : ""} ${p.unit || ""}`.trim());
+  if (running && p.rate) parts.push(`${p.rate} ${p.unit || ""}/s`);
+  if (running && p.eta_s !== undefined && p.eta_s !== null && p.done !== p.total) parts.push(`ETA ${duration(p.eta_s)}`);
+  return parts.join(" · ");
+}
+
+function phaseList(p, backbones) {
+  const phases = p.phases || [];
+  if (phases.length < 2) return null;
+  return el("ol", { class: "phases", "data-testid": "job-phases" }, phases.map((x) =>
+    el("li", { class: phaseKey(x) === phaseKey(p) ? "current" : "" },
+      `${x.phase}${backbones > 1 && x.backbone ? ` · ${x.backbone}` : ""}`,
+      x.done !== null && x.done !== undefined ? ` ${count(x.done)}${x.total ? `/${count(x.total)}` : ""} ${x.unit || ""}` : "",
+      x.seconds !== null && x.seconds !== undefined ? ` · ${x.seconds.toFixed(1)} s` : "")));
+}
+
+function leaderboard(p) {
+  const rows = p.leaderboard || [];
+  if (!rows.length) return null;
+  const keys = rows.length > 1 ? varyingKeys(rows.map((e) => e.recipe || {})) : null;
+  return el("table", { class: "leaderboard", "data-testid": "job-leaderboard" },
+    el("tr", {}, ["#", "candidate", "accuracy", "loss", "on", "s"].map((h) => el("th", {}, h))),
+    rows.slice(0, 8).map((e, i) => el("tr", { title: recipeText(e.recipe || {}) }, el("td", {}, i + 1),
+      el("td", { class: "recipe" }, recipeText(e.recipe || {}, keys)),
+      el("td", {}, fmt(e.val_accuracy)), el("td", {}, fmt(e.val_loss)), el("td", {}, e.scored_on || ""),
+      el("td", {}, fmt(e.seconds, 1)))),
+    rows.length > 8 ? el("tr", {}, el("td", {}, "…"), el("td", { class: "recipe" }, `${rows.length - 8} more`)) : null);
+}
+
 function jobCard(j) {
   const p = j.progress || {};
-  const total = p.epochs || j.config.epochs || 1;
-  const done = j.status === "succeeded" ? total : (p.epoch || 0);
-  const stats = [p.phase && j.status === "running" ? p.phase : null,
-                 p.epoch ? `epoch ${p.epoch}/${p.epochs}` : null,
+  const running = j.status === "running";
+  // The bar is the current phase's; a job from before phases had totals counts its epochs.
+  const total = p.total || (p.done === undefined ? p.epochs || j.config.epochs : null) || 1;
+  const done = j.status === "succeeded" ? total : Math.min(total, p.done ?? p.epoch ?? 0);
+  const stats = [p.epoch ? `epoch ${p.epoch}/${p.epochs}` : null,
                  p.train_loss !== undefined ? `loss ${fmt(p.train_loss, 4)}` : null,
                  p.val_accuracy !== undefined ? `val acc ${fmt(p.val_accuracy)}` : null].filter(Boolean).join(" · ");
+  const backbones = new Set((p.phases || []).map((x) => x.backbone).filter(Boolean)).size;
   const history = state.history[j.id] || [];
   const card = el("div", { class: "card job", "data-id": j.id, "data-status": j.status, "data-testid": "job",
                            onclick: () => j.model_id && selectModel(j.model_id) },
     el("span", { class: `badge status-${j.status}`, "data-testid": "job-status" }, j.status), " ",
-    el("b", {}, `${j.config.strategy} · ${j.config.backbone}`), " ", el("span", { class: "id" }, j.id),
-    el("progress", { max: total, value: done, "data-testid": "job-progress" }),
+    el("b", {}, `${j.config.strategy} · ${j.config.backbone ?? "auto"}`), " ", el("span", { class: "id" }, j.id),
+    el("div", { class: "phase", "data-testid": "job-phase" },
+       phaseText(p, running) + (backbones > 1 && p.backbone ? ` (${p.backbone})` : "") || "\u00a0"),
+    el("progress", { max: total, value: done, "data-testid": "job-progress", "data-phase": p.phase || "" }),
     el("div", { class: "stats" }, stats || "\u00a0"),
+    running && p.candidate && typeof p.candidate === "object"
+      ? el("div", { class: "stats", "data-testid": "job-candidate" }, `trying ${recipeText(p.candidate)}`) : null,
+    phaseList(p, backbones),
+    leaderboard(p),
     j.error ? el("div", { class: "rejected" }, `${j.error.code}: ${j.error.message}`) : null);
   if (history.length > 1) {
     const canvas = el("canvas", { width: 320, height: 110, class: "job-curves" });
@@ -336,7 +422,7 @@ async function refreshJobs() {
   // Keep live values from event streams for jobs we follow; the list may lag a second behind.
   state.jobs = jobs.map((j) => {
     const old = state.jobs.find((o) => o.id === j.id);
-    const live = old && state.followed.has(j.id) && (old.progress?.epoch || 0) > (j.progress?.epoch || 0);
+    const live = old && state.followed.has(j.id) && (old.progress?.seq || 0) > (j.progress?.seq || 0);
     return live ? { ...j, progress: old.progress } : j;
   });
   for (const j of state.jobs) {
@@ -412,12 +498,15 @@ async function selectModel(modelId) {
     ...cm.matrix.map((row, i) => el("tr", {}, el("th", {}, cm.labels[i]), row.map((v, j) => {
       const shade = Math.round(255 - 150 * (v / peak));
       const color = i === j ? `rgb(${shade},255,${shade})` : `rgb(255,${shade},${shade})`;
-      return el("td", { class: "cell", style: `background:${v ? color : "#fff"}` }, v);
+      return el("td", { class: "cell", style: `background:${v ? color : "#fff"}`, title: "show these images",
+                        onclick: () => showGallery(m, cm.labels[i], cm.labels[j]).catch(showError) }, v);
     }))));
   $("#per-class").replaceChildren(el("tr", {}, ["class", "precision", "recall", "F1", "support"].map((h) => el("th", {}, h))),
     ...Object.entries(metrics.per_class).map(([label, c]) => el("tr", {}, el("td", {}, label), el("td", {}, fmt(c.precision)),
       el("td", {}, fmt(c.recall)), el("td", {}, fmt(c.f1)), el("td", {}, c.support))));
   drawCurves($("#model-curves"), metrics.history || []);
+  $("#gallery-box").hidden = true;
+  showPlots(m).catch(showError);
   $("#exports").replaceChildren("Export: ", ...["onnx", "safetensors", "torchscript"].map((f) =>
     el("a", { href: `/v1/models/${m.id}/export?format=${f}`, download: "", style: "margin-right:12px" }, f)),
     el("span", { class: "stats" }, " (a zip: the model file, manifest.json with the preprocessing, USAGE.md)"));
@@ -443,6 +532,40 @@ async function promoteModel(event) {
   } catch (e) { showError(e); }
 }
 
+// Images behind the API key (thumbnails, plots): fetched with it, shown from a blob URL.
+async function authedImage(path, attrs = {}) {
+  const img = el("img", attrs);
+  const resp = await api(path);
+  img.src = URL.createObjectURL(await resp.blob());
+  return img;
+}
+
+// A confusion-matrix cell: the held-out images of that true and predicted label, worst first.
+async function showGallery(m, trueLabel, predicted) {
+  if (!m.evaluation) {
+    $("#gallery-title").textContent = "this model keeps no per-image predictions (trained before they were kept)";
+    $("#gallery").replaceChildren();
+    $("#gallery-box").hidden = false;
+    return;
+  }
+  const q = new URLSearchParams({ true: trueLabel, predicted, limit: "48" });
+  const answer = await api(`${m.evaluation}?${q}`);
+  $("#gallery-title").textContent = `true ${trueLabel}, predicted ${predicted}: ${answer.total} image(s)`
+    + (answer.total ? ", highest loss first" : "");
+  const cards = await Promise.all(answer.rows.map(async (r) => el("div", { class: "card thumb", "data-testid": "gallery-image" },
+    await authedImage(r.thumbnail, { alt: r.image_id.slice(0, 12), title: r.image_id }),
+    el("div", { class: "stats" }, `${r.predicted_label} ${fmt(r.probability)} · loss ${fmt(r.loss)}`))));
+  $("#gallery").replaceChildren(...cards);
+  $("#gallery-box").hidden = false;
+}
+
+async function showPlots(m) {
+  const plots = Object.entries(m.plots || {});
+  const imgs = await Promise.all(plots.map(([name, url]) =>
+    authedImage(url, { alt: name, title: name, class: "plot", "data-testid": "plot" })));
+  if (state.selectedModel === m.id) $("#plots").replaceChildren(...imgs);
+}
+
 async function predictFiles(files) {
   const modelId = state.selectedModel;
   if (!modelId || !files.length) return;
@@ -456,7 +579,21 @@ async function predictFiles(files) {
       el("div", { class: "stats" }, r.filename),
       r.predictions.map((p) => el("div", {}, el("div", { class: "stats" }, `${p.label} ${fmt(p.score)}`),
         el("div", { class: "bar", style: `width:${Math.max(2, Math.round(p.score * 120))}px` }))))));
+    await explainFiles(modelId, form, files);
   } catch (e) { showError(e); }
+}
+
+// Where the model looked: a Grad-CAM overlay for each image, beside its prediction.
+async function explainFiles(modelId, form, files) {
+  const answer = await api(`/v1/models/${modelId}/explain`, { method: "POST", body: form });
+  if (state.selectedModel !== modelId) return;
+  document.querySelectorAll("#predict-results .prediction").forEach((card, i) => {
+    const r = answer.results[i];
+    if (!r) return;
+    card.append(el("div", { class: "stats", style: "clear:both" }, `where it looks for ${r.label}:`),
+      el("img", { class: "overlay", "data-testid": "overlay", alt: `Grad-CAM of ${files[i].name}`,
+                  src: `data:${r.overlay.media_type};base64,${r.overlay.data}` }));
+  });
 }
 
 // -- start ------------------------------------------------------------------------------------

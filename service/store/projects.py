@@ -7,7 +7,7 @@ are removed.
 """
 from __future__ import annotations
 
-import shutil
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +17,13 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict
 from service.settings import Settings
 from service.store.blobs import BlobStore
+from service.store.objects import LocalObjects, StorageUnavailable, store_for
 from service.store.queue import JobQueue
 from service.store.db import Base
 from service.store.tables import ApiKey, Dataset, DatasetImage, Job, Model, Project
 from workers.checkpoints import checkpoint_dir
+
+log = logging.getLogger("graft.store")
 
 
 @dataclass
@@ -83,20 +86,32 @@ def _delete_other_owned_rows(session: Session, project_id: str) -> None:
 
 
 def remove_files(settings: Settings, blobs: BlobStore, deleted: Deleted) -> None:
-    """The deleted project's files: unshared blobs, model artifacts, their exports, checkpoints, batch results."""
-    for sha in deleted.blobs:
-        blobs.path(sha).unlink(missing_ok=True)
-    for relative in deleted.model_dirs:
-        _remove_tree(settings.data_path(relative), settings.models_dir)
-    for model_id in deleted.model_ids:
-        for zip_file in settings.exports_dir.glob(f"{model_id}-*.zip"):
-            zip_file.unlink(missing_ok=True)
-    for job_id in deleted.job_ids:
-        _remove_tree(checkpoint_dir(settings, job_id), settings.checkpoints_dir)
-        _remove_tree(settings.batch_results_dir / job_id, settings.batch_results_dir)  # batch predictions' results
+    """The deleted project's files: unshared blobs, model artifacts, their exports, checkpoints, batch
+    results. The rows are gone already, so an object store that cannot be reached now only leaves
+    files nobody can reach (logged), never a failed request."""
+    storage = store_for(settings)
+    try:
+        for sha in deleted.blobs:
+            blobs.delete(sha)
+        for relative in deleted.model_dirs:
+            _remove_tree(storage, settings, relative, settings.models_dir)
+        exports = storage.keys(settings.relative_to_data(settings.exports_dir)) if deleted.model_ids else []
+        for model_id in deleted.model_ids:
+            for key in exports:
+                if Path(key).name.startswith(f"{model_id}-"):
+                    storage.delete(key)
+        for job_id in deleted.job_ids:
+            _remove_tree(storage, settings, settings.relative_to_data(checkpoint_dir(settings, job_id)),
+                         settings.checkpoints_dir)
+            _remove_tree(storage, settings, settings.relative_to_data(settings.batch_results_dir / job_id),
+                         settings.batch_results_dir)  # batch predictions' results
+    except StorageUnavailable as exc:
+        log.warning("files of a deleted project were left in the object store: %s", exc.detail,
+                    extra={"action": "project_files_left"})
 
 
-def _remove_tree(path: Path, inside: Path) -> None:
+def _remove_tree(storage: LocalObjects, settings: Settings, relative: str, inside: Path) -> None:
     # A path read from the database is removed only where Graft keeps such files.
+    path = settings.data_path(relative)
     if path.resolve().is_relative_to(inside.resolve()) and path.resolve() != inside.resolve():
-        shutil.rmtree(path, ignore_errors=True)
+        storage.delete_prefix(relative)

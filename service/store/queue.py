@@ -257,15 +257,17 @@ class JobQueue:
             return "lost"
         return "cancel" if row.cancel_requested else "ok"
 
-    def report_progress(self, claim: Claim, progress: dict, event: dict | None = None) -> bool:
-        """Store the job's progress; `event` (e.g. an epoch's metrics) is logged with it."""
+    def report_progress(self, claim: Claim, progress: dict, events: dict | list[dict] | None = None) -> bool:
+        """Store the job's progress; `events` (each a dict with its "kind", e.g. an epoch's metrics)
+        are logged with it, in the same transaction."""
         with self.db.session() as s:
             res = s.execute(update(Job).where(self._leased(claim)).values(progress=progress)
                             .execution_options(synchronize_session=False))
             if res.rowcount != 1:
                 return False
-            if event is not None:
-                add_event(s, claim.job_id, event.pop("kind", "epoch"), **event)
+            for event in [events] if isinstance(events, dict) else events or []:
+                data = dict(event)
+                add_event(s, claim.job_id, data.pop("kind", "epoch"), **data)
         return True
 
     def record_checkpoint(self, claim: Claim, epoch: int, file: str) -> bool:
@@ -354,6 +356,24 @@ class JobQueue:
             if res.rowcount != 1:
                 return False
             add_event(s, claim.job_id, "status", status=JobStatus.queued, reason="worker shut down; handed back")
+            jobs_claimable(s)
+        return True
+
+    def defer(self, claim: Claim, code: str, message: str, delay_s: float) -> bool:
+        """Give a job back to the queue for `delay_s` because something outside it is down (the object
+        store): the attempt is not counted, so an outage never fails the job; it resumes from its
+        last checkpoint."""
+        with self.db.session() as s:
+            retry_at = self.now() + timedelta(seconds=delay_s)
+            res = s.execute(update(Job).where(self._leased(claim))
+                            .values(status=JobStatus.queued, lease_token=None, worker_id=None,
+                                    attempts=Job.attempts - 1, run_after=retry_at, error_code=code,
+                                    error_message=message)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                return False
+            add_event(s, claim.job_id, "status", status=JobStatus.queued, retry_at=retry_at.isoformat(),
+                      error_code=code, error_message=message)
             jobs_claimable(s)
         return True
 

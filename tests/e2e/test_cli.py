@@ -273,3 +273,44 @@ def test_watching_a_job_does_not_lock_out_other_writers(settings):
         assert resp.status_code == 202 and time.monotonic() - started < 3
         client.cancel_job(job["id"])  # ends the stream
         watching.join(20)
+
+
+def test_train_watch_in_a_pipe_shows_each_phase_counting_before_the_job_ends(settings):
+    """`graft train --watch` whose output is a pipe (a log, CI) prints a line per progress event:
+    a phase's count is on screen while the job still runs, then the same tables as ever."""
+    import re
+    import threading
+    from datetime import datetime, timezone
+
+    from workers.worker import Worker
+
+    settings = settings.model_copy(update={"heartbeat_interval_s": 2.0})  # no reaping on a loaded machine
+    with uvicorn_thread(create_app(settings)) as url:
+        dataset = httpx.post(f"{url}/v1/datasets", files={"file": ("d.zip", subset_zip(6, 3))}, timeout=60).json()
+        worker = threading.Thread(target=Worker(settings).run, kwargs={"max_jobs": 1}, daemon=True)
+        worker.start()
+        cli_proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "train", dataset["id"], "--watch", "--strategy", "fine_tune",
+             "--epochs", "2", "--image-size", "64", "--batch-size", "4"],
+            env=venv_env(GRAFT_URL=url), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[tuple[float, str]] = []  # (when it was read, the line)
+        reader = threading.Thread(target=lambda: lines.extend((time.time(), line.rstrip()) for line in cli_proc.stderr),
+                                  daemon=True)
+        reader.start()
+        stdout = cli_proc.stdout.read()
+        cli_proc.wait(240)
+        reader.join(10)
+        worker.join(60)
+        job_id = next(m.group(1) for _, line in lines if (m := re.match(r"job (\w+) queued", line)))
+        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+    assert cli_proc.returncode == 0, lines
+    ended = datetime.fromisoformat(job["finished_at"])
+    ended = (ended if ended.tzinfo else ended.replace(tzinfo=timezone.utc)).timestamp()
+    text = "\n".join(line for _, line in lines)
+    counting = [(at, line) for at, line in lines if re.search(r"\b[1-9][\d,]*/[\d,]+ images\b", line)]
+    assert counting and counting[0][0] < ended, text  # seen while the job ran
+    train, total = 12, 12 + 6
+    assert f"decoding images  {total}/{total} images" in text and f"training  {2 * train}/{2 * train} images" in text
+    assert text.index("decoding images") < text.index("training") < text.index("job succeeded")
+    assert "epoch 2/2" in text
+    assert "val_accuracy" in stdout and "per class" in stdout and "confusion matrix" in stdout

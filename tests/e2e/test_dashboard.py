@@ -126,19 +126,43 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     # 2. The form's choices and defaults are the API's (TrainConfig, read from /openapi.json).
     page.wait_for_selector("#train-strategy option", state="attached")  # an <option> is never "visible"
     assert page.input_value("#train-strategy") == TrainConfig.model_fields["strategy"].default
-    assert page.input_value("#train-backbone") == TrainConfig.model_fields["backbone"].default
+    assert page.input_value("#train-backbone") == (TrainConfig.model_fields["backbone"].default or "")
     assert page.get_attribute("#train-batch-size", "placeholder") == str(TrainConfig.model_fields["batch_size"].default)
 
-    # Start a small job and watch it: the progress bar and curves fill from live events.
-    page.fill("#train-epochs", "12")
+    # Start a small job and watch it: each phase's bar, then the curves, fill from live events.
+    # Every job card the page renders is recorded (status, phase, bar) as it is put in the page.
+    page.evaluate("""() => {
+        window.jobFrames = [];
+        new MutationObserver((records) => {
+            for (const r of records) for (const node of r.addedNodes) {
+                if (!node.matches || !node.matches(".job")) continue;
+                const bar = node.querySelector("[data-testid=job-progress]");
+                window.jobFrames.push({status: node.dataset.status, phase: bar.dataset.phase,
+                                       value: Number(bar.value), max: Number(bar.max), at: performance.now()});
+            }
+        }).observe(document.querySelector("#jobs"), {childList: true});
+    }""")
+    page.fill("#train-epochs", "3")
     page.fill("#train-image-size", "64")
-    page.select_option("#train-strategy", "linear_probe")
+    page.fill("#train-batch-size", "8")
+    page.select_option("#train-strategy", "fine_tune")
     page.click("#train-submit")
     page.wait_for_selector(".job[data-status='running'], .job[data-status='succeeded']", timeout=60_000)
     job = page.wait_for_selector(".job[data-status='succeeded']", timeout=180_000)
-    progress = job.query_selector("progress")
-    assert progress.get_attribute("value") == progress.get_attribute("max") == "12"
-    assert "epoch 12/12" in job.inner_text()
+    frames = page.evaluate("window.jobFrames")
+    done_at = next(i for i, f in enumerate(frames) if f["status"] == "succeeded")
+    moving = [f for f in frames[:done_at] if f["status"] == "running" and 0 < f["value"] < f["max"]]
+    assert moving, f"no phase bar part way before the result: {frames}"
+    assert {f["phase"] for f in moving} & {"decoding images", "training"}, moving
+    training = [f["value"] for f in frames[:done_at] if f["phase"] == "training"]
+    assert training == sorted(training) and len(set(training)) >= 2, training  # it moved, forwards
+    progress = job.query_selector("[data-testid=job-progress]")
+    assert progress.get_attribute("value") == progress.get_attribute("max") == str(3 * 2 * TRAIN)  # images
+    text = job.inner_text()
+    assert "epoch 3/3" in text and f"training · {3 * 2 * TRAIN}/{3 * 2 * TRAIN} images" in text
+    phases = job.query_selector("[data-testid=job-phases]").inner_text()
+    assert phases.index("decoding images") < phases.index("training")
+    assert f"decoding images {2 * (TRAIN + VAL)}/{2 * (TRAIN + VAL)} images" in phases
     assert job.query_selector("canvas.job-curves") is not None  # per-epoch history arrived live
     page.screenshot(path=str(tmp_path / "2-trained.png"), full_page=True)
 
@@ -149,6 +173,15 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     assert page.query_selector("#per-class").inner_text().count("\n") >= 2
     curves = assert_not_blank(page.query_selector("#model-curves").screenshot(), min_colors=8)
     assert curves.size[0] > 300
+    # A confusion-matrix cell opens the gallery of its images (thumbnails); the plots are PNGs of the API.
+    first = next(i for i, c in enumerate(cells) if c)
+    page.query_selector_all("#confusion td.cell")[first].click()
+    page.wait_for_function("n => document.querySelectorAll('[data-testid=gallery-image] img').length === n &&"
+                           " [...document.querySelectorAll('[data-testid=gallery-image] img')].every(i => i.complete"
+                           " && i.naturalWidth > 0)", arg=cells[first])
+    assert f"{cells[first]} image(s)" in page.inner_text("#gallery-title")
+    page.wait_for_function("() => [...document.querySelectorAll('img[data-testid=plot]')].filter(i => i.complete"
+                           " && i.naturalWidth > 300).length === 4")
     with page.expect_download() as download:
         page.click("#exports a:text('safetensors')")
     assert download.value.suggested_filename.endswith("-safetensors.zip")
@@ -159,6 +192,9 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     page.wait_for_selector(".prediction >> nth=1")
     labels = [e.inner_text() for e in page.query_selector_all(".prediction .top-label")]
     assert len(labels) == 2 and set(labels) <= {"ants", "bees"}
+    page.wait_for_selector(".prediction:nth-child(2) img[data-testid=overlay]")  # where the model looked
+    overlay = page.query_selector(".prediction img[data-testid=overlay]")
+    assert_not_blank(overlay.screenshot(), min_colors=30)
     full = assert_not_blank(page.screenshot(path=str(tmp_path / "3-predicted.png"), full_page=True))
     assert full.size[1] > 800
 
@@ -169,6 +205,22 @@ def test_dashboard_upload_train_watch_and_predict(server, page, tmp_path):
     assert "aliases: prod" in page.query_selector(".model.selected").inner_text()
     model_id = page.get_attribute("#model-detail", "data-model-id")
     assert httpx.get(f"{url}/v1/aliases/prod").json()["model_id"] == model_id
+
+    # 6. An auto job's card: the search's phase and the leaderboard of its candidates, best first
+    #    (logistic heads only, to stay short: the solver is fixed and 1 epoch rules out fine-tuning).
+    dataset_id = page.get_attribute(".dataset", "data-id")
+    auto = httpx.post(f"{url}/v1/jobs", json={"dataset_id": dataset_id, "strategy": "auto", "image_size": 64,
+                                              "backbone": "efficientnet_lite0", "epochs": 1, "solver": "lbfgs"}).json()
+    card = page.wait_for_selector(f".job[data-id='{auto['id']}'][data-status='succeeded'] [data-testid=job-leaderboard]",
+                                  timeout=180_000)
+    rows = card.query_selector_all("tr")[1:9]  # the best 8 (then "… N more")
+    chosen = httpx.get(f"{url}/v1/jobs/{auto['id']}").json()["model_id"]
+    candidates = httpx.get(f"{url}/v1/models/{chosen}").json()["metrics"]["auto"]["candidates"]
+    assert len(rows) == min(8, len(candidates)) >= 2
+    accuracies = [float(r.query_selector_all("td")[2].inner_text()) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert "auto search: heads" in page.query_selector(f".job[data-id='{auto['id']}'] [data-testid=job-phases]").inner_text()
+    page.screenshot(path=str(tmp_path / "4-auto.png"), full_page=True)
     assert page.errors == [], page.errors
     shots = os.environ.get("GRAFT_SCREENSHOTS_DIR")
     if shots:  # keep them for a person to look at

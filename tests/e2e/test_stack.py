@@ -159,6 +159,7 @@ class Stack:
         local = {"GRAFT_DATABASE_URL": self.database_url,
                  "GRAFT_DATA_DIR": str(self.root / "graft-data"),   # the graft-data volume
                  "TORCH_HOME": str(self.root / "graft-weights"),    # the graft-weights volume
+                 "HF_HOME": str(self.root / "graft-weights" / "huggingface"),
                  "GRAFT_HOST": "127.0.0.1",                         # loopback only on this machine
                  "GRAFT_PORT": str(self.port),                      # the published port
                  "HOME": str(self.root / "home")}

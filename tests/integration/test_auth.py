@@ -104,7 +104,7 @@ def operations(app) -> list[tuple[str, str]]:
 
 
 def request_kwargs(method: str, path: str, ids: dict) -> dict:
-    if path.endswith("/predict"):
+    if path.endswith("/predict") or path.endswith("/explain"):
         return {"files": {"file": ("x.png", png(), "image/png")}}
     if path.endswith("/images") and method == "POST":
         return {"files": {"file": ("x.png", png(), "image/png")}, "data": {"label": "ants"}}
@@ -156,7 +156,7 @@ def test_a_predict_key_cannot_reach_training_routes(world):
     p = {"Authorization": f"Bearer {keys['a-predict']}"}
     for method, path in operations(client.app):
         resp = client.request(method, fill(path, ids), headers=p, **request_kwargs(method, path, ids))
-        if path.endswith("/predict") or "batch-predictions" in path or path == "/v1/backbones":
+        if path.endswith(("/predict", "/explain")) or "batch-predictions" in path or path == "/v1/backbones":
             assert resp.status_code in (200, 404), (method, path, resp.text)  # predicting is a predict key's
         elif (method, path) in OPERATOR_ONLY:
             assert resp.status_code == 403 and "operator" in resp.json()["detail"], (method, path)

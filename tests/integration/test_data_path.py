@@ -14,6 +14,7 @@ from tests.support.data import subset_zip
 from tests.support.training import PRE, Recorder
 from workers.config import TrainConfig
 from workers.data import DecodedCache
+from workers.decoded_cache import file_bytes
 from workers.worker import load_training_data
 
 
@@ -39,7 +40,7 @@ def prepare(settings, dataset_id: str, cache: DecodedCache | None, pre=PRE):
 def test_second_job_reads_decoded_images_from_the_cache(settings, uploaded):
     first, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
     assert decoded, "the first job decodes"
-    assert len(list(settings.decoded_cache_dir.glob("*.safetensors"))) == 1
+    assert len(list(settings.decoded_cache_dir.glob("*.u8"))) == 1
     # A new worker (empty memory) on the same dataset: no decoding, even with the blobs gone.
     shutil.rmtree(settings.blobs_dir)
     again, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
@@ -57,18 +58,20 @@ def test_another_preprocessing_is_another_cache_entry(settings, uploaded):
 
 def test_damaged_cache_file_is_decoded_again(settings, uploaded):
     first, _ = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
-    (path,) = settings.decoded_cache_dir.glob("*.safetensors")
-    path.write_bytes(b"not a safetensors file")
+    pixels = first.train_x.clone()
+    del first  # unmapped: Graft never changes a cache file in place, so nothing reads one meanwhile
+    (path,) = settings.decoded_cache_dir.glob("*.u8")
+    path.write_bytes(b"not a cache file")
     again, decoded = prepare(settings, uploaded, DecodedCache(settings.decoded_cache_dir, 2**30))
-    assert decoded and torch.equal(first.train_x, again.train_x)
+    assert decoded and torch.equal(pixels, again.train_x)
 
 
 def test_cache_keeps_to_its_disk_budget_evicting_the_oldest(tmp_path):
     one = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
-    cache = DecodedCache(tmp_path, max_bytes=2 * one.nbytes + 400, memory_entries=1)  # room for two files
+    cache = DecodedCache(tmp_path, max_bytes=2 * file_bytes(one.shape) + 400, memory_entries=1)  # room for two files
     for key in ("a", "b", "c"):
         cache.put(key, one)
-    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["b", "c"]
+    assert sorted(p.stem for p in tmp_path.glob("*.u8")) == ["b", "c"]
     assert cache.get("a") is None and torch.equal(cache.get("b"), one)
 
 

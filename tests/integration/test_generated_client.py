@@ -29,11 +29,14 @@ from workers.worker import Worker
 
 TINY_JOB = {"strategy": "linear_probe", "image_size": 32, "epochs": 1}
 # No post-generation hooks (ruff), so nothing runs but the generator; application/zip is binary data
-# to openapi-python-client 0.29 only through this documented override (it knows application/octet-stream).
+# to openapi-python-client 0.29 only through this documented override (it knows application/octet-stream);
+# so are the PNG plots and JPEG thumbnails.
 GENERATOR_CONFIG = """\
 post_hooks: []
 content_type_overrides:
   application/zip: application/octet-stream
+  image/png: application/octet-stream
+  image/jpeg: application/octet-stream
 """
 # Any network call from the generator would go through this dead proxy and fail.
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",

@@ -8,6 +8,7 @@ from PIL import Image
 
 from service.app import create_app
 from tests.support.ingest import assert_problem, class_folders, encode, make_zip, noise, png, upload
+from workers.artifacts import WEIGHTS_FILE
 from workers.worker import Worker
 
 TINY_JOB = {"strategy": "linear_probe", "image_size": 32, "epochs": 1}
@@ -49,7 +50,7 @@ def test_a_tampered_model_file_is_refused(trained, settings):
     with client.app.state.db.engine.connect() as conn:
         relative = conn.exec_driver_sql(f"SELECT artifact_dir FROM model WHERE id = '{model_id}'").scalar_one()
     model_dir = settings.data_dir / relative
-    weights = next(p for p in model_dir.iterdir() if p.suffix == ".safetensors")
+    weights = model_dir / WEIGHTS_FILE  # beside it: the held-out predictions, checked when read
     weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
     with TestClient(create_app(settings)) as fresh:  # a new process: nothing cached
         assert_problem(fresh.post(f"/v1/models/{model_id}/predict", files={"file": ("a.png", png(5), "image/png")}),

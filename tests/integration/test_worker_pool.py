@@ -207,7 +207,8 @@ def test_infrastructure_errors_retry_with_backoff_then_fail_with_history(api, db
     assert job["status"] == "failed" and job["attempts"] == pool_settings.max_attempts
     history = job["attempt_history"]
     assert [h["attempt"] for h in history] == [1, 2, 3]
-    assert all(h["error_code"] == "internal_error" and "FileNotFoundError" in h["error_message"] for h in history)
+    # The store names what is gone (ObjectMissing is its FileNotFoundError, local or S3).
+    assert all(h["error_code"] == "internal_error" and "no stored file blobs/" in h["error_message"] for h in history)
     gaps = [(datetime.fromisoformat(b["started_at"]) - datetime.fromisoformat(a["ended_at"])).total_seconds()
             for a, b in zip(history, history[1:])]
     # Backoff 0.2 s x 2^(n-1), jittered to [half, full]: at least 0.1 s then 0.2 s.

@@ -29,16 +29,16 @@ class Recorder(NullControl):
         self.updates.append(update)
 
 
-def tiny_data(train_per_class: int = 6, val_per_class: int = 3) -> PreparedData:
+def tiny_data(train_per_class: int = 6, val_per_class: int = 3, pre=PRE) -> PreparedData:
     def load(split, n):
         xs, ys = [], []
         for y, label in enumerate(("ants", "bees")):
             for p in hymenoptera_files(split, label)[:n]:
-                xs.append(decode_square(p.read_bytes(), PRE))
+                xs.append(decode_square(p.read_bytes(), pre))
                 ys.append(y)
         return torch.stack(xs), torch.tensor(ys)
     (tx, ty), (vx, vy) = load("train", train_per_class), load("val", val_per_class)
-    return PreparedData(["ants", "bees"], PRE, tx, ty, vx, vy)
+    return PreparedData(["ants", "bees"], pre, tx, ty, vx, vy)
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,23 @@ def test_lite0_mapping_refuses_misaligned_weights():
         _lite_to_timm(OrderedDict(list(src.items())[:-1]), dst, spec.name)
 
 
+def bare_features(spec):
+    """The architecture on the meta device where it builds there (shapes, no memory: seconds saved
+    per large network), else on the CPU (RegNet's constructor reads tensor values)."""
+    try:
+        with torch.device("meta"):
+            return spec.build_features(pretrained=False)
+    except NotImplementedError:
+        return spec.build_features(pretrained=False)
+
+
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_builds_without_weights_and_stages_cover_it(name):
     spec = get_backbone(name)
-    features = spec.build_features(pretrained=False)
+    features = bare_features(spec)
+    side = spec.preprocessing.input_size if spec.fixed_input_size else 64  # a ViT takes its own size only
     with torch.inference_mode():
-        out = features(torch.randn(2, 3, 64, 64))
+        out = features(torch.randn(2, 3, side, side, device=next(features.parameters()).device))
     assert out.shape == (2, spec.feature_dim)
     # Stages hold every parameter exactly once, in the module's own (input-to-output) order.
     staged = [id(p) for stage in spec.stages(features) for p in stage.parameters()]
@@ -181,3 +192,20 @@ def test_get_backbone_unknown_lists_known_names():
     assert DEFAULT_BACKBONE in BACKBONES
     with pytest.raises(KeyError, match="resnet50"):
         get_backbone("vgg16")
+
+
+def test_more_torchvision_weights_with_their_own_transforms():
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = {  # torchvision's documented eval transform of each weights enum
+        "vit_b_16": ("IMAGENET1K_V1", Preprocessing(224, 256, *imagenet, "bilinear")),
+        "vit_b_16_swag": ("IMAGENET1K_SWAG_E2E_V1", Preprocessing(384, 384, *imagenet, "bicubic")),
+        "vit_b_16_swag_linear": ("IMAGENET1K_SWAG_LINEAR_V1", Preprocessing(224, 224, *imagenet, "bicubic")),
+        "efficientnet_v2_s": ("IMAGENET1K_V1", Preprocessing(384, 384, *imagenet, "bilinear")),
+        "regnet_y_1_6gf": ("IMAGENET1K_V2", Preprocessing(224, 232, *imagenet, "bilinear")),
+        "convnext_small": ("IMAGENET1K_V1", Preprocessing(224, 230, *imagenet, "bilinear")),
+    }
+    for name, (enum, pre) in expected.items():
+        spec = get_backbone(name)
+        assert spec.tv_weights.name == enum and spec.preprocessing == pre, name
+        assert spec.fixed_input_size == name.startswith("vit_") and spec.source == "torchvision"
+    assert get_backbone("vit_b_16_swag").weights_path().name == "vit_b_16_swag-9ac1b537.pth"

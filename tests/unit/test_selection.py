@@ -10,8 +10,9 @@ from sklearn.linear_model import LogisticRegression
 
 from tests.support.training import SPEC, Recorder, one_thread, tiny_data  # noqa: F401
 from workers.artifacts import Classifier
+from workers.backbones import get_backbone
 from workers.config import TrainConfig
-from workers.training import logistic, selection, train
+from workers.training import auto, logistic, selection, train
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +115,9 @@ def test_auto_cross_validates_on_every_labeled_image_and_refits_on_all_of_them(u
 
     monkeypatch.setattr(logistic.LogisticPath, "__init__", counting_path)
     monkeypatch.setattr(selection, "select", recording_select)
-    config = TrainConfig(image_size=64, seed=7, time_budget_s=10)  # heads only: no time to fine-tune
+    monkeypatch.setattr(auto, "plan_top", lambda *args: None)  # heads only
+    monkeypatch.setattr(auto, "plan_fine_tuning", lambda *args, **kwargs: [])
+    config = TrainConfig(image_size=64, seed=7, time_budget_s=10)
     result = train(config, unsplit, SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU)
     labeled = len(unsplit.train_y) + len(unsplit.val_y)
     k = selection.fold_count(torch.cat([unsplit.train_y, unsplit.val_y]))
@@ -139,3 +142,90 @@ def test_auto_cross_validates_on_every_labeled_image_and_refits_on_all_of_them(u
                   SPEC.feature_dim, Recorder(), CPU)
     assert torch.allclose(again.classifier.head.weight, result.classifier.head.weight, atol=1e-4)
     assert torch.allclose(again.classifier.head.bias, result.classifier.head.bias, atol=1e-4)
+
+
+# --- choosing the backbone ------------------------------------------------------------------------
+
+def _with_other_backbones(data, calls: list[str]):
+    """`data` with the worker's hook: the same photos decoded for another backbone (at 64 px)."""
+    def at_backbone(name):
+        calls.append(name)
+        spec = get_backbone(name)
+        again = tiny_data(pre=spec.preprocessing.at_size(64))
+        test_x = None if data.test_x is None else torch.full((len(data.test_x), *again.train_x.shape[1:]), 255,
+                                                             dtype=torch.uint8)
+        again = dataclasses.replace(again, val_given=data.val_given, test_x=test_x, test_y=data.test_y)
+        return again, spec.build_features(pretrained=True)
+    return dataclasses.replace(data, at_backbone=at_backbone)
+
+
+def _best_entry(report):
+    return max(report["candidates"], key=lambda e: (e["val_accuracy"], -e["val_loss"]))
+
+
+@pytest.mark.parametrize("val_given", [False, True])
+def test_auto_chooses_the_backbone_among_the_lites_when_the_job_leaves_it(unsplit, val_given):
+    calls: list[str] = []
+    data = _with_other_backbones(dataclasses.replace(unsplit, val_given=val_given), calls)
+    result = train(TrainConfig(image_size=64, seed=7, time_budget_s=120), data, SPEC.build_features(pretrained=True),
+                   SPEC.feature_dim, Recorder(), CPU)
+    report = result.metrics["auto"]
+    chosen = result.recipe["backbone"]
+    # Each other Lite decoded once for the search, and the chosen one again for the test split.
+    assert calls == ["efficientnet_lite1", "efficientnet_lite2"] + ([chosen] if chosen != SPEC.name else [])
+    assert result.metrics["num_test_images"] == len(unsplit.test_y)
+    tried = {e["recipe"]["backbone"] for e in report["candidates"]}
+    assert tried == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    labeled = len(unsplit.train_y) + (0 if val_given else len(unsplit.val_y))
+    scored_on = len(unsplit.val_y) if val_given else labeled
+    assert {e["images"] for e in report["candidates"]} == {scored_on}  # every backbone on the same images
+    assert _best_entry(report)["recipe"]["backbone"] == chosen
+    # The model is that backbone's network and expects its preprocessing.
+    n_params = sum(p.numel() for p in result.classifier.features.parameters())
+    assert n_params == sum(p.numel() for p in get_backbone(chosen).build_features(pretrained=False).parameters())
+    expected = get_backbone(chosen).preprocessing.at_size(64)
+    assert (result.preprocessing or unsplit.preprocessing) == expected
+
+
+def test_a_backbone_the_job_names_is_kept_and_a_small_budget_keeps_the_default(unsplit):
+    calls: list[str] = []
+    data = _with_other_backbones(unsplit, calls)
+    named = train(TrainConfig(backbone="efficientnet_lite0", image_size=64, seed=7, time_budget_s=120), data,
+                  SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU)
+    assert calls == [] and {e["recipe"]["backbone"] for e in named.metrics["auto"]["candidates"]} == {SPEC.name}
+    small = train(TrainConfig(image_size=64, seed=7, time_budget_s=10), data, SPEC.build_features(pretrained=True),
+                  SPEC.feature_dim, Recorder(), CPU)
+    skipped = small.metrics["auto"]["skipped_for_time"]
+    assert calls == [] and [s["backbone"] for s in skipped] == ["efficientnet_lite1", "efficientnet_lite2"]
+    assert small.recipe["backbone"] == SPEC.name and small.preprocessing is None
+
+
+def test_a_repeat_job_reuses_the_tops_activations_and_folds_and_gives_the_same_model(unsplit, monkeypatch):
+    from workers.training import top
+    from workers.training.probe import REUSED_FEATURES
+
+    REUSED_FEATURES.clear()
+    data = dataclasses.replace(unsplit, source_key="repeat-test", test_x=None, test_y=None)
+    computed, fitted = [], []
+    real_compute, real_fit = top.StageActivations.compute.__func__, top.fit_top
+    monkeypatch.setattr(top.StageActivations, "compute",
+                        classmethod(lambda cls, *a, **kw: computed.append(1) or real_compute(cls, *a, **kw)))
+    monkeypatch.setattr(top, "fit_top", lambda *a, **kw: fitted.append(1) or real_fit(*a, **kw))
+    monkeypatch.setattr(auto, "plan_fine_tuning", lambda *args, **kwargs: [])
+    config = TrainConfig(backbone="efficientnet_lite0", image_size=64, seed=7, time_budget_s=60)
+    runs = []
+    for _ in range(2):
+        computed.clear(), fitted.clear()
+        runs.append(train(config, data, SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU))
+        runs[-1].calls = (len(computed), len(fitted))
+    k = runs[0].metrics["estimate"]["folds"]
+    assert any(e["recipe"]["strategy"] == "fine_tune_top" for e in runs[0].metrics["auto"]["candidates"])
+    refits = int(runs[0].recipe["strategy"] == "fine_tune_top")
+    assert runs[0].calls == (1, k + refits)
+    assert runs[1].calls == (0, refits)  # the bottom pass and the folds came from the first job
+    assert runs[1].metrics["auto"]["candidates"] == [{**e, "seconds": e2["seconds"]} for e, e2 in
+                                                     zip(runs[0].metrics["auto"]["candidates"],
+                                                         runs[1].metrics["auto"]["candidates"])]
+    for a, b in zip(runs[0].classifier.state_dict().values(), runs[1].classifier.state_dict().values()):
+        assert torch.equal(a, b)
+    REUSED_FEATURES.clear()

@@ -54,7 +54,11 @@ def is_stat(key: str) -> bool:
 
 # --- the cut -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+# Every layout top.py cuts: the Lites, torchvision's ResNets and RegNets, and each timm family it
+# lists (_TIMM_SEQUENTIAL), on small members of the family.
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "regnet_y_1_6gf", "timm/test_efficientnet",
+                                  "timm/test_resnet", "timm/test_convnext", "timm/test_byobnet", "timm/regnetx_002",
+                                  "timm/mobilenetv3_small_050"])
 def test_bottom_then_top_equals_the_backbones_own_forward_at_every_cut(name):
     spec = get_backbone(name)
     features = spec.build_features(pretrained=False)  # the architecture is what is cut; no weights needed
@@ -68,8 +72,11 @@ def test_bottom_then_top_equals_the_backbones_own_forward_at_every_cut(name):
 
 def test_only_backbones_whose_forward_splits_between_stages_are_offered():
     assert supports_top_tuning(SPEC) and supports_top_tuning(get_backbone("resnet50"))
+    assert supports_top_tuning(get_backbone("regnet_y_1_6gf")) and supports_top_tuning(get_backbone("timm/test_convnext"))
     assert not supports_top_tuning(get_backbone("mobilenet_v3_large"))
     assert not supports_top_tuning(get_backbone("convnext_tiny"))
+    # a ViT adds its class token and position embedding between the patch stem and the blocks
+    assert not supports_top_tuning(get_backbone("vit_b_16")) and not supports_top_tuning(get_backbone("timm/test_vit"))
 
 
 def test_the_cache_holds_fp16_inputs_of_the_cut_and_its_pooled_features_are_the_probes(data, pretrained, acts):
@@ -88,7 +95,8 @@ def test_caching_reports_progress_and_stops_when_asked(data, pretrained):
     recorder = Recorder()
     StageActivations.compute(pretrained, SPEC, data.train_x, PRE, 2, CPU, recorder)
     last = recorder.updates[-1]
-    assert last == {"phase": "caching activations", "done": len(data.train_y), "total": len(data.train_y)}
+    assert last == {"phase": "caching activations", "unit": "images", "done": len(data.train_y),
+                    "total": len(data.train_y)}
 
     class Stop(Recorder):
         def stop_if_asked(self):
@@ -162,7 +170,8 @@ def test_the_same_seed_gives_the_same_model_and_leaves_torchs_rng_alone(data, pr
 def test_an_explicit_job_serves_what_it_was_scored_on(data, tmp_path):
     recorder = Recorder()
     result = train(config(tta_flip=True), data, SPEC.build_features(pretrained=True), SPEC.feature_dim, recorder, CPU)
-    assert {"phase": "caching activations", "done": len(data.val_y), "total": len(data.val_y)} in recorder.updates
+    both = len(data.train_y) + len(data.val_y)  # train and val: one phase
+    assert {"phase": "caching activations", "unit": "images", "done": both, "total": both} in recorder.updates
     assert result.recipe["strategy"] == "fine_tune_top" and len(result.history) >= 1
     assert result.metrics["num_train_images"] == len(data.train_y)
     _, digest, _ = write_artifact(tmp_path, "m", result.classifier,
@@ -192,6 +201,7 @@ def test_fine_tune_top_defaults_are_the_measured_recipe():
     ({"cutmix_alpha": 1.0}, "cutmix mixes pixels"),
     ({"augmentation": "strong"}, "'strong' needs strategy 'partial'"),
     ({"backbone": "mobilenet_v3_large"}, "splits between stages"),
+    ({"backbone": "timm/test_vit"}, "use strategy 'partial'"),
 ])
 def test_recipes_that_need_pixels_or_an_unsplittable_backbone_are_refused(bad, says):
     with pytest.raises(ValidationError, match=says):

@@ -25,6 +25,7 @@ a checkpoint needs to resume an epoch exactly. On a GPU the decoded images live 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from workers.config import TrainConfig
 from workers.device import autocast, inference_batch_size, pick_device
 from workers.metrics import classification_metrics
 from workers.preprocessing import eval_crop, normalize
+from workers.progress import PhaseMeter
 from workers.training.auto import train_auto
 from workers.training.contract import Control, PreparedData, TrainResult
 from workers.training.parts import index_batches
@@ -43,25 +45,32 @@ __all__ = ["Control", "PreparedData", "TrainResult", "train", "train_recipe"]
 
 
 def train(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
-          control: Control, device: torch.device | None = None) -> TrainResult:
+          control: Control, device: torch.device | None = None,
+          init_head: Callable[[Classifier], object] | None = None) -> TrainResult:
+    """`init_head`: an explicit recipe's head starts from it (a base model's rows, workers/base_model.py)."""
     device = device or pick_device()
-    test_x, test_y = data.test_x, data.test_y
+    given = data
     data = dataclasses.replace(data, test_x=None, test_y=None).on(device)  # no strategy can read test
     if config.strategy == "auto":
         result = train_auto(config, data, features, feature_dim, control, device)
     else:
-        result = train_recipe(config, data, features, feature_dim, control, device, checkpoints=True)
+        result = train_recipe(config, data, features, feature_dim, control, device, checkpoints=True,
+                              init_head=init_head)
+    if result.preprocessing is not None and given.test_x is not None:  # auto chose another backbone
+        given = given.at_backbone(result.recipe["backbone"])[0]
+    test_x, test_y = given.test_x, given.test_y
     if test_x is not None and len(test_x):
-        control.progress({"phase": "scoring the test split", "images": len(test_x)})
-        result.metrics["test"] = score_held_out(result.classifier, test_x, test_y, data, device, control)
+        meter = PhaseMeter(control, "scoring the test split", len(test_x), "images")
+        result.test_probabilities = predicted_probabilities(result.classifier, test_x, given, device, control, meter)
+        result.metrics["test"] = score_held_out(result.test_probabilities, test_y, given)
         result.metrics["num_test_images"] = len(test_y)
     return result
 
 
-def score_held_out(classifier: Classifier, x_u8: torch.Tensor, y: torch.Tensor, data: PreparedData,
-                   device: torch.device, control: Control) -> dict:
-    """The finished classifier's scores on held-out images, from Classifier.predict_proba on the eval
-    crop (calibrated, mirror-averaged when tta_flip): what /predict answers for them."""
+def predicted_probabilities(classifier: Classifier, x_u8: torch.Tensor, data: PreparedData, device: torch.device,
+                            control: Control, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The finished classifier's Classifier.predict_proba on the eval crop of each image (calibrated,
+    mirror-averaged when tta_flip): what /predict answers for them, [N, classes] on the host."""
     classifier.to(device).eval()
     probs = []
     try:
@@ -70,9 +79,16 @@ def score_held_out(classifier: Classifier, x_u8: torch.Tensor, y: torch.Tensor, 
             with autocast(device):  # as the serving engine runs the backbone
                 probs.append(classifier.predict_proba(x).float().cpu())
             control.stop_if_asked()
+            if on_batch is not None:
+                on_batch(len(idx))
     finally:
         classifier.to("cpu")  # where a TrainResult's classifier lives
-    scores = classification_metrics(y.cpu(), torch.cat(probs), data.classes)
+    return torch.cat(probs)
+
+
+def score_held_out(probs: torch.Tensor, y: torch.Tensor, data: PreparedData) -> dict:
+    """Scores of held-out images' predicted probabilities, named as the val metrics without "val_"."""
+    scores = classification_metrics(y.cpu(), probs, data.classes)
     renamed = {"val_accuracy": "accuracy", "val_loss": "loss", "num_val_images": "num_images"}
     return {renamed.get(key, key): value for key, value in scores.items()}
 

@@ -29,12 +29,21 @@ candidates that contradict them are skipped):
    under the same folds, when the cost model says the folds and the refit fit in the budget. Its
    cache also gives the heads their features: one bottom pass for both. (With a user's val split
    it is not tried: the explicit strategy is there for that.)
-3. Fine-tuning the whole network or its last stages (GPU: three recipes; CPU: one, small data
+3. When the job names no backbone: the same logistic heads on the frozen features of the other
+   EfficientNet-Lites (`AUTO_BACKBONES`; the images decoded again at each one's own resize and
+   crop through `PreparedData.at_backbone`), under the same folds or on the same val split, while
+   the cost model says their decoding, features and fits fit in what the budget has left. On
+   hymenoptera Lite1/Lite2 features beat Lite0's by 1-2 points; on bloodcells (microscopy) the top
+   fine-tune of Lite0 wins by far and leaves no budget for them (docs/benchmarks.md).
+4. Fine-tuning the whole network or its last stages (GPU: three recipes; CPU: one, small data
    only) when the budget has room (`plan_fine_tuning`). These cost too much to train k + 1 times,
    so they are scored as before on the val split only, against the best cross-validated
    candidate's out-of-fold predictions there; a fine-tune that wins is the model (trained on train
    only, its estimate from val); if none wins, the cross-validated winner is refitted as above. On
    a CPU the top-of-network candidate (2.) replaces the whole-network one when it runs.
+Work that is a pure function of the images, split, weights and recipe is kept for later jobs of
+the worker process (CPU): the heads' features, the top's cached activations and its out-of-fold
+logits, so a repeat job pays for the refit only.
 Whether a candidate runs follows a fixed cost model (images/s per device type, below; nothing is
 timed), so the same job on the same kind of device makes the same choices.
 
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -62,34 +72,44 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from workers.artifacts import Classifier
-from workers.backbones import get_backbone
+from workers.artifacts import Classifier, backbone_fingerprint
+from workers.backbones import AUTO_BACKBONES, DEFAULT_BACKBONE, get_backbone
 from workers.config import TrainConfig
 from workers.errors import JobError
 import workers.training.logistic as logistic
 import workers.training.selection as selection
 from workers.training.contract import Control, NullControl, PreparedData, TrainResult
 from workers.training.parts import adapt_batchnorm, calibrate_and_score, logits_of
-from workers.training.probe import FeatureCache
+from workers.training.probe import REUSED_FEATURES, FeatureCache
 from workers.training.recipe import train_recipe
 
 # Seconds the search may spend when the job gives no time_budget_s. On a CPU the default keeps a
 # job on 1,500 images at 224 px under three minutes from submit.
 DEFAULT_BUDGET_S = {"cpu": 150.0, "cuda": 600.0}
-# The cost model: training images/s (forward + backward, augmentation) and inference images/s of
-# EfficientNet-Lite0 at 224 px, as measured (docs/benchmarks.md); scaled by (224 / image_size)^2.
+# The cost model (measured on an idle 2-core x86 VM and an H100-class GPU; docs/benchmarks.md).
+# Training images/s of a whole-network fine-tune of EfficientNet-Lite0 at 224 px (forward +
+# backward, augmentation), scaled by (224 / image_size)^2.
 TRAIN_IMAGES_PER_S = {"cpu": 12.0, "cuda": 800.0}
-INFER_IMAGES_PER_S = {"cpu": 55.0, "cuda": 3000.0}
-# fine_tune_top on a CPU: images/s through the top TOP_STAGES stages of Lite0, training and
-# predicting: 5 folds x 12 epochs on hymenoptera's 245 images took 118 s on the shared 2-core VM.
-TOP_TRAIN_IMAGES_PER_S = 100.0
-TOP_INFER_IMAGES_PER_S = 400.0
+# Frozen forward images/s of each backbone at its own input size (another size scales by the
+# square of the ratio); a backbone not listed costs what Lite2 does.
+INFER_IMAGES_PER_S = {
+    "cpu": {"efficientnet_lite0": 110.0, "efficientnet_lite1": 85.0, "efficientnet_lite2": 50.0},
+    "cuda": {"efficientnet_lite0": 3000.0, "efficientnet_lite1": 2200.0, "efficientnet_lite2": 1400.0},
+}
+DECODE_IMAGES_PER_S = 300.0  # decoding the images again for another backbone's resize (TorchCodec)
+# fine_tune_top: images/s through the top TOP_STAGES stages of Lite0 at 224 px (cached
+# activations). CPU: 475 training measured on bloodcells (2 threads), less a margin; predicting is
+# a forward only, about three times as fast. GPU: not yet measured (no session had one; the
+# 7x7 activations cross the host link each batch), set well below the whole-network rate's 10x.
+TOP_TRAIN_IMAGES_PER_S = {"cpu": 400.0, "cuda": 8000.0}
+TOP_INFER_IMAGES_PER_S = {"cpu": 1500.0, "cuda": 20000.0}
 TOP_STAGES = 2
 # Short fine-tunes lose to the probe: on hymenoptera at 224 px (CPU), 5 epochs of fine_tune gave
 # 0.922 and of partial (3 stages) 0.935 val accuracy, against 0.954 for the linear probe.
 MIN_FINE_TUNE_EPOCHS = 8
-# One logistic fit on 2 x 1,200 images x 1,280 features: about 0.2 s on 2 cores.
-HEAD_FIT_SECONDS = 0.3
+# One logistic fit on 2 x 1,200 images x 1,280 features along a warm-started C path: 30 fits
+# took 3.3 s on hymenoptera and 2.9 s on bloodcells (2 cores, shared).
+HEAD_FIT_SECONDS = 0.15
 PROBE_SECONDS = 1.0  # one Adam-trained head
 
 LOGISTIC = {"head": "linear", "solver": "lbfgs", "augmentation": "light", "tta_flip": True, "dropout": 0.0}
@@ -143,27 +163,36 @@ def _unique(configs: list[TrainConfig | None]) -> list[TrainConfig]:
     return out
 
 
-def head_candidates(config: TrainConfig, cross_validated: bool) -> list[TrainConfig]:
-    """Logistic heads over the C grid; with a user's val split, the Adam heads too."""
-    heads = [candidate(config, {"strategy": "linear_probe", **LOGISTIC, "logistic_c": c}) for c in logistic.C_GRID]
+def head_candidates(config: TrainConfig, cross_validated: bool, backbone: str | None = None) -> list[TrainConfig]:
+    """Logistic heads over the C grid; with a user's val split, the Adam heads too. On the job's
+    backbone, or on `backbone` when the job left it to the search."""
+    common = {"strategy": "linear_probe", **({"backbone": backbone} if backbone else {})}
+    heads = [candidate(config, {**common, **LOGISTIC, "logistic_c": c}) for c in logistic.C_GRID]
     if not cross_validated:
-        heads += [candidate(config, {"strategy": "linear_probe", **ADAM, **o}) for o in PROBE_GRID]
+        heads += [candidate(config, {**common, **ADAM, **o}) for o in PROBE_GRID]
     return _unique(heads)
 
 
 def _rates(config: TrainConfig, device_type: str) -> tuple[float, float]:
-    scale = (224 / config.image_size) ** 2
-    return TRAIN_IMAGES_PER_S[device_type] * scale, INFER_IMAGES_PER_S[device_type] * scale
+    """Training and frozen-inference images/s of `config`'s backbone at its image size."""
+    spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
+    native = spec.preprocessing.input_size
+    size = config.image_size or native
+    infer = INFER_IMAGES_PER_S[device_type]
+    infer_ips = infer.get(spec.name, infer["efficientnet_lite2"]) * (native / size) ** 2
+    return TRAIN_IMAGES_PER_S[device_type] * (224 / size) ** 2, infer_ips
 
 
 def modelled_probe_seconds(config: TrainConfig, data: PreparedData, device_type: str, heads: list[TrainConfig],
-                           folds: int = 1) -> float:
-    """Two backbone passes (images and mirrors) over train + val, plus the heads' fits."""
+                           folds: int = 1, decode: bool = False) -> float:
+    """Two backbone passes (images and mirrors) over train + val, plus the heads' fits (and the
+    decoding, for a backbone whose images are decoded anew)."""
     if not heads:
         return 0.0
-    _, infer_ips = _rates(config, device_type)
+    _, infer_ips = _rates(heads[0], device_type)
+    images = len(data.train_y) + len(data.val_y)
     fits = sum(HEAD_FIT_SECONDS if h.solver == "lbfgs" else PROBE_SECONDS for h in heads) * (folds + 1)
-    return 2 * (len(data.train_y) + len(data.val_y)) / infer_ips + fits
+    return 2 * images / infer_ips + fits + (images / DECODE_IMAGES_PER_S if decode else 0.0)
 
 
 def plan_fine_tuning(config: TrainConfig, data: PreparedData, device_type: str, seconds_left: float,
@@ -186,23 +215,26 @@ def plan_fine_tuning(config: TrainConfig, data: PreparedData, device_type: str, 
     return out
 
 
-def top_seconds(c: TrainConfig, images: int, folds: int) -> float:
-    """Modelled cost of cross-validating fine_tune_top over `folds` folds and refitting it on all."""
+def top_seconds(c: TrainConfig, images: int, folds: int, device_type: str) -> float:
+    """Modelled cost of cross-validating fine_tune_top over `folds` folds and refitting it on all
+    (the bottom pass is the heads' features, counted with them)."""
     scale = (224 / c.image_size) ** 2
     train_images = c.epochs * images * ((folds - 1) / folds * folds + 1)
     predicted = 2 * images  # each image out of fold, with its mirror
-    return train_images / (TOP_TRAIN_IMAGES_PER_S * scale) + predicted / (TOP_INFER_IMAGES_PER_S * scale)
+    return (train_images / (TOP_TRAIN_IMAGES_PER_S[device_type] * scale)
+            + predicted / (TOP_INFER_IMAGES_PER_S[device_type] * scale))
 
 
 def plan_top(config: TrainConfig, images: int, folds: int, device_type: str, seconds_left: float) -> TrainConfig | None:
-    """The fine_tune_top candidate, on a CPU, when its backbone can be cut and its folds and refit
-    fit in `seconds_left` by the cost model."""
+    """The fine_tune_top candidate, when its backbone can be cut and its folds and refit fit in
+    `seconds_left` by the cost model."""
     from workers.training.top import supports_top_tuning
     # AdaBN adapts the whole backbone for the heads, which the cached bottom would not see.
-    if device_type != "cpu" or config.bn_mode == "adabn" or not supports_top_tuning(get_backbone(config.backbone)):
+    spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
+    if config.bn_mode == "adabn" or not supports_top_tuning(spec):
         return None
     c = candidate(config, TOP_RECIPE)
-    if c is None or top_seconds(c, images, folds) > seconds_left:
+    if c is None or top_seconds(c, images, folds, device_type) > seconds_left:
         return None
     return c
 
@@ -232,6 +264,22 @@ def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, fea
     return search.cross_validated()
 
 
+@dataclass
+class _Frozen:
+    """One backbone's side of the search: its pristine features, the images decoded for it, and
+    its frozen features of every labeled image (train, then val) and of their mirrors."""
+
+    name: str
+    features: nn.Module
+    feature_dim: int
+    data: PreparedData
+    x: torch.Tensor | None = None
+    x_mirror: torch.Tensor | None = None
+    acts: object | None = None  # top.StageActivations, when fine_tune_top runs on this backbone
+    reused: bool = False
+    weights: str | None = None  # sha256 of the features' state, once asked for (reuse keys)
+
+
 class _Search:
     def __init__(self, config, data, features, feature_dim, control, device, device_type, budget, started):
         self.config, self.data, self.features, self.feature_dim = config, data, features, feature_dim
@@ -241,6 +289,8 @@ class _Search:
         self.backbone_images = 0
         self.y = torch.cat([data.train_y, data.val_y]).cpu()  # the pooled labels: train, then val
         self.val_rows = torch.arange(len(data.train_y), len(self.y))
+        self.primary = _Frozen(config.backbone or DEFAULT_BACKBONE, features, feature_dim, data)
+        self.frozen = {self.primary.name: self.primary}  # every backbone the search has features of
 
     # -- Graft's own split: cross-validate over every labeled image, refit the winner on all --------
 
@@ -251,19 +301,24 @@ class _Search:
         heads = head_candidates(config, cross_validated=True)
         seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads, k)
         top = plan_top(config, len(y), k, self.device_type, seconds_left) if heads else None
-        acts, x, x_mirror, reused = None, None, None, False
+        primary = self.primary
         if top is not None:
-            seconds_left -= top_seconds(top, len(y), k)
-            acts = self._activations(top.unfreeze_stages)
-            x, x_mirror = acts.pooled(self.features)  # the heads' features from the same bottom pass
+            seconds_left -= top_seconds(top, len(y), k, self.device_type)
+            primary.acts = self._activations(top.unfreeze_stages)
+            primary.x, primary.x_mirror = primary.acts.pooled(self.features)  # the heads' features, same pass
         elif heads:
-            x, x_mirror, reused = self._features()
-        scored = self._cv_heads(heads, x, x_mirror, y, folds) if heads else []
+            self._features(primary)
+        scored = self._cv_heads(heads, primary, y, folds) if heads else []
         if top is not None:
-            scored.append(self._cv_top(top, acts, y, folds))
+            scored.append(self._cv_top(top, primary.acts, y, folds))
+        for name, other_heads, seconds_left in self._other_backbones(heads, seconds_left, k):
+            if (other := self._frozen_at(name)) is not None:
+                self._features(other)
+                scored += self._cv_heads(other_heads, other, y, folds)
         # On a CPU fine-tuning the top supersedes a short whole-network fine-tune (cheaper, and
         # hymenoptera's 10-epoch fine_tune scored 0.84 on val where the top scored 0.96 out of fold).
-        holdout = [] if top is not None else self._holdout_fine_tunes(bool(scored), seconds_left)
+        holdout = [] if top is not None and self.device_type == "cpu" else \
+            self._holdout_fine_tunes(bool(scored), seconds_left)
         if not scored and not holdout:
             raise _no_recipe()
         cv_best = scored[selection.select([s.logits for s in scored], y)] if scored else None
@@ -277,7 +332,7 @@ class _Search:
         if best.result is None:  # cross-validated: metrics and estimate over every image, out of fold; refit
             best, target = cv_best, y
             estimate = {**selection.bbc_estimate([s.logits for s in scored], y, config.seed), "folds": k}
-            classifier = self._refit(best.config, x, x_mirror, y, acts)
+            classifier = self._refit(best.config, y)
             trained_on = {"images": len(y), "splits": ["train", "val"]}
         else:  # a fine-tune trained on train, chosen on val
             estimate = {**selection.bbc_estimate([s.logits for s in pool], target, config.seed), "folds": None}
@@ -285,31 +340,82 @@ class _Search:
         metrics = self._metrics(classifier, best, target, estimate, trained_on)
         report = self._report(best.config, scored + holdout, selected_on)
         if heads and top is None:
-            metrics["features_reused"] = reused
+            metrics["features_reused"] = all(f.reused for f in self.frozen.values())
         return self._result(classifier, metrics, report, best)
 
-    def _features(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Backbone features of every labeled image (train, then val) and of their mirrors."""
+    def _other_backbones(self, heads: list[TrainConfig], seconds_left: float, folds: int = 1):
+        """(backbone, its head candidates, seconds left after it) for each backbone auto may also
+        try: only when the job left the backbone to the search, and while the cost model says the
+        decoding, the features and the heads' fits still fit in the budget."""
+        if self.config.backbone is not None or self.data.at_backbone is None or not heads:
+            return
+        for name in AUTO_BACKBONES:
+            if name == self.primary.name:
+                continue
+            other_heads = head_candidates(self.config, cross_validated=folds > 1, backbone=name)
+            cost = modelled_probe_seconds(other_heads[0], self.data, self.device_type, other_heads, folds, decode=True)
+            if cost > seconds_left:
+                self.skipped.append({"backbone": name, "modelled_seconds": round(cost, 1)})
+                continue
+            seconds_left -= cost
+            yield name, other_heads, seconds_left
+
+    def _frozen_at(self, name: str) -> _Frozen | None:
+        """Another backbone's side: the job's images decoded for it, with labels and splits checked
+        against this data's (None when its weights are not on this machine)."""
+        from workers.backbones import WeightsUnavailable
+        self.control.progress({"phase": "decoding images", "backbone": name})
+        try:
+            data, features = self.data.at_backbone(name)
+        except WeightsUnavailable as exc:
+            self.skipped.append({"backbone": name, "reason": str(exc)})
+            return None
+        data = dataclasses.replace(data, test_x=None, test_y=None, at_backbone=None).on(self.device)
+        if not (torch.equal(data.train_y.cpu(), self.data.train_y.cpu()) and torch.equal(data.val_y.cpu(), self.data.val_y.cpu())):
+            raise RuntimeError(f"the images decoded for {name} are not the same labeled images in the same order")
+        features.to(self.device)
+        self.frozen[name] = _Frozen(name, features, get_backbone(name).feature_dim, data)
+        return self.frozen[name]
+
+    def _features(self, side: _Frozen) -> None:
+        """A backbone's features of every labeled image (train, then val) and of their mirrors."""
         if self.config.bn_mode == "adabn":
-            adapt_batchnorm(self.features, self.data.train_x, self.data.preprocessing, self.device, self.control)
-        cache = FeatureCache(self.features, self.data, self.device, self.control)
-        x = torch.cat([cache.train, cache.val]).cpu()
-        x_mirror = torch.cat([cache.mirror("train"), cache.mirror("val")]).cpu()
+            adapt_batchnorm(side.features, side.data.train_x, side.data.preprocessing, self.device, self.control)
+        cache = FeatureCache(side.features, side.data, self.device, self.control, mirrors=("train", "val"))
+        side.x = torch.cat([cache.train, cache.val]).cpu()
+        side.x_mirror = torch.cat([cache.mirror("train"), cache.mirror("val")]).cpu()
+        side.reused = cache.reused
         self.backbone_images += cache.images
-        return x, x_mirror, cache.reused
+
+    def _reuse_key(self, side: _Frozen, what: str) -> str | None:
+        """Where this process keeps `what` of these pixels, split and backbone weights for later jobs
+        (CPU only, as for the heads' features): a repeat job skips the bottom pass and the top's folds."""
+        if self.device.type != "cpu":
+            return None
+        if side.weights is None:
+            side.weights = backbone_fingerprint(side.features.state_dict())
+        key = REUSED_FEATURES.key(side.data, side.weights)
+        return key and f"{key}:{what}"
 
     def _activations(self, k: int):
         from workers.training.top import StageActivations
-        spec = get_backbone(self.config.backbone)
-        pooled_x = torch.cat([self.data.train_x, self.data.val_x])
+        spec = get_backbone(self.primary.name)
+        key = self._reuse_key(self.primary, f"activations:{k}")
+        if key and (entry := REUSED_FEATURES.get(key)) is not None:
+            return StageActivations(entry["acts"], entry["acts_mirror"], spec, int(entry["k"]))
+        pooled_x = self.data.labeled_x()  # a view of the decoded images' map, not a copy
         acts = StageActivations.compute(self.features, spec, pooled_x, self.data.preprocessing, k, self.device,
                                         self.control)
         self.backbone_images += 2 * len(pooled_x)
+        if key:
+            REUSED_FEATURES.put(key, {"acts": acts.acts, "acts_mirror": acts.acts_mirror, "k": torch.tensor(acts.k)})
         return acts
 
-    def _cv_heads(self, heads: list[TrainConfig], x, x_mirror, y, folds) -> list[Scored]:
-        """Out-of-fold logits of every head: per fold, one standardization and a warm-started path
-        along the C grid (heads sharing augmentation and class weighting share the path)."""
+    def _cv_heads(self, heads: list[TrainConfig], side: _Frozen, y, folds) -> list[Scored]:
+        """Out-of-fold logits of every head on one backbone's features: per fold, one
+        standardization and a warm-started path along the C grid (heads sharing augmentation and
+        class weighting share the path)."""
+        x, x_mirror = side.x, side.x_mirror
         n, k = len(y), int(folds.max()) + 1
         logits = [torch.zeros(n, len(self.data.classes)) for _ in heads]
         seconds = [0.0] * len(heads)
@@ -317,7 +423,8 @@ class _Search:
         for i, h in enumerate(heads):
             groups.setdefault((h.augmentation, h.class_weighting, h.tta_flip), []).append(i)
         for f in range(k):
-            self.control.progress({"phase": "auto search", "fold": f + 1, "folds": k, "candidates": len(heads)})
+            self.control.progress({"phase": "auto search: logistic heads", "backbone": side.name, "unit": "folds",
+                                   "done": f, "total": k, "fold": f + 1, "candidates": len(heads)})
             fit_rows, out_rows = folds != f, folds == f
             for (augmentation, weighting, tta), members in groups.items():
                 t0 = time.perf_counter()
@@ -332,21 +439,33 @@ class _Search:
                 for i in members:
                     seconds[i] += share
         rows = torch.arange(n)
-        return [Scored(h, logits[i], rows, seconds[i], "out of fold") for i, h in enumerate(heads)]
+        return self._finished([Scored(h, logits[i], rows, seconds[i], "out of fold") for i, h in enumerate(heads)],
+                              done=k)
 
     def _cv_top(self, c: TrainConfig, acts, y, folds) -> Scored:
+        """The top's out-of-fold logits: a deterministic function of the recipe, the folds, the
+        images and the weights, so an earlier job's are reused."""
         from workers.training.top import fit_top, top_logits
         spec = get_backbone(c.backbone)
         n, k = len(y), int(folds.max()) + 1
+        recipe = hashlib.sha256(f"{c.model_dump_json()}:{folds.tolist()}".encode()).hexdigest()
+        key = self._reuse_key(self.primary, f"out-of-fold:{recipe}")
+        if key and (entry := REUSED_FEATURES.get(key)) is not None:
+            return self._finished([Scored(c, entry["logits"], torch.arange(n), 0.0, "out of fold")],
+                                  phase="auto search: fine_tune_top", unit="folds", done=k, total=k,
+                                  candidate=_describe(c), reused=True)[0]
         logits = torch.zeros(n, len(self.data.classes))
         t0 = time.perf_counter()
         for f in range(k):
-            self.control.progress({"phase": "auto search", "trying": _describe(c), "fold": f + 1, "folds": k})
+            self.control.progress({"phase": "auto search: fine_tune_top", "unit": "folds", "done": f, "total": k,
+                                   "fold": f + 1, "candidate": _describe(c)})
             fit_idx, out_idx = torch.nonzero(folds != f).flatten(), torch.nonzero(folds == f).flatten()
             model = fit_top(c, self.features, spec, acts, fit_idx, y[fit_idx], len(self.data.classes),
                             _Quiet(self.control), self.device)
             logits[out_idx] = top_logits(model, spec, acts.k, acts, out_idx, bool(c.tta_flip))
-        return Scored(c, logits, torch.arange(n), time.perf_counter() - t0, "out of fold")
+        if key:
+            REUSED_FEATURES.put(key, {"logits": logits})
+        return self._finished([Scored(c, logits, torch.arange(n), time.perf_counter() - t0, "out of fold")], done=k)[0]
 
     def _holdout_fine_tunes(self, have_others: bool, seconds_left: float) -> list[Scored]:
         """Fine-tuning candidates that fit the budget, trained on train and scored on val."""
@@ -364,7 +483,8 @@ class _Search:
             if time.perf_counter() > self.deadline and (out or have_others):
                 self.skipped.append(_describe(c))
                 continue
-            self.control.progress({"phase": "auto search", "trying": _describe(c)})
+            self.control.progress({"phase": "auto search: fine-tuning", "unit": "candidates", "done": len(out),
+                                   "total": len(planned), "candidate": _describe(c)})
             tuned = copy.deepcopy(self.features)
             tuned.load_state_dict(pristine)
             t0 = time.perf_counter()
@@ -374,42 +494,34 @@ class _Search:
                                    self.device, self.control, bool(c.tta_flip))
             result.classifier.to("cpu")
             self.backbone_images += int((result.metrics["train_images_per_s"] or 0) * result.metrics["train_seconds"])
-            out.append(Scored(c, val_logits, self.val_rows, time.perf_counter() - t0, "val", result))
+            out.append(self._finished([Scored(c, val_logits, self.val_rows, time.perf_counter() - t0, "val", result)],
+                                      phase="auto search: fine-tuning", done=len(out) + 1)[0])
         return out
 
-    def _refit(self, c: TrainConfig, x, x_mirror, y, acts) -> Classifier:
+    def _refit(self, c: TrainConfig, y) -> Classifier:
         """The winner trained on every labeled image."""
-        self.control.progress({"phase": "auto refit", "images": len(y), "trying": _describe(c)})
+        self.control.progress({"phase": "auto refit", "backbone": c.backbone, "images": len(y), "candidate": _describe(c)})
+        side = self.frozen[c.backbone]
         if c.strategy == "fine_tune_top":
             from workers.training.top import fit_top
-            return fit_top(c, self.features, get_backbone(c.backbone), acts, torch.arange(len(y)), y,
+            return fit_top(c, side.features, get_backbone(c.backbone), side.acts, torch.arange(len(y)), y,
                            len(self.data.classes), _Quiet(self.control), self.device).to("cpu").float()
-        train_x, train_y = logistic.training_set(x, y, x_mirror if c.augmentation == "light" else None)
+        train_x, train_y = logistic.training_set(side.x, y, side.x_mirror if c.augmentation == "light" else None)
         fit = logistic.fit_logistic(train_x, train_y, len(self.data.classes), c.logistic_c,
                                     balanced=c.class_weighting == "balanced")
-        return logistic_classifier(self.features, self.feature_dim, fit, c)
+        return logistic_classifier(side.features, side.feature_dim, fit, c)
 
     # -- the user's own split: choose on val, train on train (or train + val with refit) -------------
 
     def on_given_val(self) -> TrainResult:
         config, data = self.config, self.data
         heads = head_candidates(config, cross_validated=False)
-        scored: list[Scored] = []
-        cache = None
-        if heads:
-            if config.bn_mode == "adabn":
-                adapt_batchnorm(self.features, data.train_x, data.preprocessing, self.device, self.control)
-            cache = FeatureCache(self.features, data, self.device, self.control)
-            self.backbone_images += cache.images
-            for i, c in enumerate(heads, start=1):
-                self.control.progress({"phase": "auto search", "candidate": i, "candidates": len(heads),
-                                       "trying": _describe(c)})
-                t0 = time.perf_counter()
-                result = train_recipe(c, data, self.features, self.feature_dim, _Quiet(self.control), self.device,
-                                      cache)
-                scored.append(Scored(c, _head_val_logits(result.classifier, cache, c), self.val_rows,
-                                     time.perf_counter() - t0, "val", result))
+        caches: dict[str, FeatureCache] = {}
+        scored = self._val_heads(heads, self.primary, caches) if heads else []
         seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads)
+        for name, other_heads, seconds_left in self._other_backbones(heads, seconds_left):
+            if (other := self._frozen_at(name)) is not None:
+                scored += self._val_heads(other_heads, other, caches)
         scored += self._holdout_fine_tunes(bool(heads), seconds_left)
         if not scored:
             raise _no_recipe()
@@ -419,20 +531,40 @@ class _Search:
         estimate["folds"] = None
         refit = bool(config.refit)
         if refit:
-            classifier = self._refit_on_train_and_val(best, cache)
+            classifier = self._refit_on_train_and_val(best, caches.get(best.config.backbone))
             trained_on = {"images": len(data.train_y) + len(data.val_y), "splits": ["train", "val"]}
         else:
             classifier = best.result.classifier
             trained_on = {"images": len(data.train_y), "splits": ["train"]}
         metrics = self._metrics(classifier, best, target, estimate, trained_on)
         report = self._report(best.config, scored, "the val split you gave")
-        if cache is not None:
-            metrics["features_reused"] = cache.reused
+        if caches:
+            metrics["features_reused"] = all(c.reused for c in caches.values())
         return self._result(classifier, metrics, report, best)
 
+    def _val_heads(self, heads: list[TrainConfig], side: _Frozen, caches: dict[str, FeatureCache]) -> list[Scored]:
+        """Each head trained on one backbone's train features, scored on its val features."""
+        if self.config.bn_mode == "adabn":
+            adapt_batchnorm(side.features, side.data.train_x, side.data.preprocessing, self.device, self.control)
+        cache = caches[side.name] = FeatureCache(side.features, side.data, self.device, self.control,
+                                                 mirrors=("train", "val"))
+        self.backbone_images += cache.images
+        out = []
+        for i, c in enumerate(heads, start=1):
+            self.control.progress({"phase": "auto search: heads", "backbone": side.name, "unit": "candidates",
+                                   "done": i - 1, "total": len(heads), "candidate": _describe(c)})
+            t0 = time.perf_counter()
+            result = train_recipe(c, side.data, side.features, side.feature_dim, _Quiet(self.control), self.device,
+                                  cache)
+            out.append(self._finished([Scored(c, _head_val_logits(result.classifier, cache, c), self.val_rows,
+                                              time.perf_counter() - t0, "val", result)],
+                                      phase="auto search: heads", backbone=side.name, done=i)[0])
+        return out
+
     def _refit_on_train_and_val(self, best: Scored, cache: FeatureCache | None) -> Classifier:
-        c, data = best.config, self.data
-        self.control.progress({"phase": "auto refit", "trying": _describe(c)})
+        c, side = best.config, self.frozen[best.config.backbone]
+        data = side.data
+        self.control.progress({"phase": "auto refit", "backbone": c.backbone, "candidate": _describe(c)})
         if c.solver == "lbfgs" and cache is not None:
             y = torch.cat([data.train_y, data.val_y]).cpu()
             x = torch.cat([cache.train, cache.val]).cpu()
@@ -440,16 +572,16 @@ class _Search:
             train_x, train_y = logistic.training_set(x, y, mirror)
             fit = logistic.fit_logistic(train_x, train_y, len(data.classes), c.logistic_c,
                                         balanced=c.class_weighting == "balanced")
-            return logistic_classifier(self.features, self.feature_dim, fit, c)
+            return logistic_classifier(side.features, side.feature_dim, fit, c)
         # Epoch-trained recipes: as many epochs as the winner's best, on train + val (no val left to
         # stop on, so the last epoch is kept by scoring on the training images themselves).
-        pooled = dataclasses.replace(data, train_x=torch.cat([data.train_x, data.val_x]),
+        pooled = dataclasses.replace(data, train_x=data.labeled_x(),
                                      train_y=torch.cat([data.train_y, data.val_y]), source_key=None)
         epochs = best.result.metrics["best_epoch"] or c.epochs
-        features = self.features
+        features = side.features
         if c.strategy != "linear_probe":
-            features = copy.deepcopy(self.features)
-        return train_recipe(c.model_copy(update={"epochs": epochs}), pooled, features, self.feature_dim,
+            features = copy.deepcopy(side.features)
+        return train_recipe(c.model_copy(update={"epochs": epochs}), pooled, features, side.feature_dim,
                             _Quiet(self.control), self.device).classifier
 
     # -- what the model reports ------------------------------------------------------------------
@@ -485,6 +617,16 @@ class _Search:
                 "selected_on": selected_on + "; accuracy, then NLL", "skipped_for_time": self.skipped,
                 "candidates": [entry(s) for s in scored]}
 
+    def _finished(self, scored: list[Scored], **update) -> list[Scored]:
+        """Report candidates just scored, each as the model's `auto.candidates` lists it: they join
+        the job's leaderboard. `update` is the rest of the report (their phase's done, or the phase
+        itself when a candidate's training reported another). Every phase reports in the shape of
+        workers/progress.py: phase, unit, done, total, and `backbone`, `candidate` (the recipe
+        being tried, as `_describe` gives it) where they apply. Returns `scored`."""
+        entries = self._report(scored[0].config, scored, "")["candidates"]  # one home for an entry's fields
+        self.control.progress({**update, "finished": entries})
+        return scored
+
     def _result(self, classifier: Classifier, metrics: dict, report: dict, best: Scored) -> TrainResult:
         self.control.progress({"phase": "auto chose", "auto_choice": _describe(best.config)})
         seconds = time.perf_counter() - self.started
@@ -492,8 +634,14 @@ class _Search:
                        train_images_per_s=round(self.backbone_images / seconds, 1)
                        if seconds and self.backbone_images else None)
         history = best.result.history if best.result else []
+        chosen = self.frozen[best.config.backbone]
+        pre = None if chosen is self.primary else chosen.data.preprocessing
         # Probes share `features`; a later candidate may have moved it: the winner goes back to CPU.
-        return TrainResult(classifier.to("cpu").float(), metrics, history, best.config.model_dump())
+        result = TrainResult(classifier.to("cpu").float(), metrics, history, best.config.model_dump(), pre)
+        # Issue 19: the winner's out-of-sample logits over its rows are the model's held-out predictions.
+        from workers.training.contract import HeldOut
+        result.held_out = HeldOut(best.logits.float().cpu(), self.y[best.rows], best.rows.cpu(), best.scored_on)
+        return result
 
 
 def logistic_classifier(features: nn.Module, feature_dim: int, fit: logistic.LinearMap, c: TrainConfig) -> Classifier:
@@ -524,7 +672,7 @@ def _no_recipe() -> JobError:
 
 
 def _describe(c: TrainConfig) -> dict:
-    keys = ("strategy", "head", "solver", "logistic_c", "learning_rate", "augmentation", "tta_flip", "dropout",
+    keys = ("backbone", "strategy", "head", "solver", "logistic_c", "learning_rate", "augmentation", "tta_flip", "dropout",
             "epochs", "unfreeze_stages")
     out = {k: getattr(c, k) for k in keys if getattr(c, k) is not None}
     if c.solver == "lbfgs":  # no epochs or rate: one deterministic fit

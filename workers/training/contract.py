@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+from torch import nn
 
 from workers.artifacts import Classifier
 from workers.backbones import Preprocessing
@@ -18,7 +19,8 @@ class Control(Protocol):
         """Called between steps; raises to stop (cancelled, lease lost, shutting down)."""
 
     def progress(self, update: dict) -> None:
-        """The job's live progress: phase, epoch, step, scores."""
+        """The job's live progress, in the one shape of workers/progress.py (phase, unit, done,
+        total, and the phase's own fields); loops report through its PhaseMeter."""
 
     def save_checkpoint(self, epoch: int, state: dict) -> None:
         """Keep an epoch's end (`parts.training_state`) so a retried job resumes after it; may do nothing."""
@@ -62,6 +64,15 @@ class PreparedData:
     # The user's test split: never trained or selected on, scored apart (None: there is none).
     test_x: torch.Tensor | None = None
     test_y: torch.Tensor | None = None
+    # The images' ids (blob sha256s) in the order of each split's rows (None: data made another way):
+    # a model's held-out predictions name the images they are of.
+    train_ids: list[str] | None = None
+    val_ids: list[str] | None = None
+    test_ids: list[str] | None = None
+    # The same images, labels and splits decoded for another backbone (by name), and that
+    # backbone's pristine features: what lets auto choose the backbone. Given by the worker;
+    # None where the images cannot be decoded again (auto then keeps this backbone).
+    at_backbone: Callable[[str], tuple[PreparedData, nn.Module]] | None = field(default=None, repr=False)
 
     def on(self, device: torch.device, share_of_free: float = 0.25) -> PreparedData:
         """The images moved to a GPU when they take at most `share_of_free` of its free memory, so
@@ -71,8 +82,36 @@ class PreparedData:
             return self
         free, _ = torch.cuda.mem_get_info(device)
         if self.train_x.nbytes + self.val_x.nbytes > share_of_free * free:
-            return self
-        return dataclasses.replace(self, train_x=self.train_x.to(device), val_x=self.val_x.to(device))
+            return self  # streamed: each batch is gathered on the host (from the memory map) and sent
+        if (both := self._adjacent()) is None:
+            return dataclasses.replace(self, train_x=self.train_x.to(device), val_x=self.val_x.to(device))
+        both = both.to(device)  # one copy, still adjacent there
+        return dataclasses.replace(self, train_x=both[:len(self.train_x)], val_x=both[len(self.train_x):])
+
+    def labeled_x(self) -> torch.Tensor:
+        """train_x then val_x as one tensor: a view when they lie next to each other in memory (as
+        workers.data lays them out, in one memory map), else a copy."""
+        both = self._adjacent()
+        return both if both is not None else torch.cat([self.train_x, self.val_x])
+
+    def _adjacent(self) -> torch.Tensor | None:
+        a, b = self.train_x, self.val_x
+        if (a.device == b.device and a.dtype == b.dtype and a.shape[1:] == b.shape[1:] and a.is_contiguous()
+                and b.is_contiguous() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.storage_offset() == a.storage_offset() + a.numel()):
+            return a.as_strided((len(a) + len(b), *a.shape[1:]), a.stride())
+        return None
+
+
+@dataclass
+class HeldOut:
+    """Out-of-sample logits of the finished model's recipe: each image predicted by a model that did
+    not train on it (val, or out of fold), uncalibrated and mirror-averaged as the model serves."""
+
+    logits: torch.Tensor  # [N, classes] float32, host
+    y: torch.Tensor  # [N] true labels
+    rows: torch.Tensor  # [N] positions in the pooled images: train, then val (PreparedData order)
+    predictions: str  # "val" or "out of fold"
 
 
 @dataclass
@@ -81,4 +120,8 @@ class TrainResult:
     metrics: dict
     history: list[dict] = field(default_factory=list)
     recipe: dict | None = None  # the resolved recipe that trained this model (auto: the one it chose)
+    # The preprocessing the classifier expects, when it is not the data's (auto chose another backbone).
+    preprocessing: Preprocessing | None = None
+    held_out: HeldOut | None = None  # what the model's val metrics were computed from
+    test_probabilities: torch.Tensor | None = None  # [N_test, classes] as /predict answers (the test split)
 

@@ -12,9 +12,10 @@ from workers.backbones import get_backbone
 from workers.config import TrainConfig
 from workers.device import autocast
 from workers.preprocessing import BatchAugment, batch_mixer, mix_batch, to_device
+from workers.progress import PhaseMeter
 from workers.training.contract import Control, PreparedData
-from workers.training.parts import (EarlyStopping, adapt_batchnorm, epoch_report, logits_of, make_criterion,
-                                    make_scheduler, optimizer_step, param_groups, regularized_loss,
+from workers.training.parts import (EarlyStopping, adapt_batchnorm, epoch_report, images_per_epoch, logits_of,
+                                    make_criterion, make_scheduler, optimizer_step, param_groups, regularized_loss,
                                     restore_training_state, set_train_modes, steps_per_epoch, train_batches,
                                     training_state)
 
@@ -84,6 +85,9 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
     history, seen, first_epoch = [], 0, 1
     if resume is not None:
         history, seen, first_epoch = restore_training_state(resume, classifier, opt, sched, gen, stopper)
+    # Counted in training images (each step's batch); a resumed run starts at what it had seen.
+    meter = PhaseMeter(control, "training", config.epochs * images_per_epoch(len(data.train_y), config.batch_size,
+                                                                              min_batch), "images", done=seen)
     for epoch in range(first_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         trainable = plan(epoch)
@@ -104,8 +108,8 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
             optimizer_step(loss, opt, sched)
             loss_sum += loss.detach() * len(idx)
             count, seen = count + len(idx), seen + len(idx)
-            control.progress({"phase": "training", "epoch": epoch, "epochs": config.epochs,
-                              "step": step, "steps": per_epoch, "trainable_stages": trainable})
+            meter.report(len(idx), epoch=epoch, epochs=config.epochs, step=step, steps=per_epoch,
+                         trainable_stages=trainable)
             control.stop_if_asked()
         classifier.eval()
         val_logits = logits_of(classifier, data.val_x, pre, device, control, bool(config.tta_flip))
@@ -114,7 +118,7 @@ def fine_tune(config: TrainConfig, data: PreparedData, classifier: Classifier, c
         report["trainable_stages"] = trainable
         history.append(report)
         stop = stopper.update(report, classifier)
-        control.progress({"phase": "training", **report})
+        meter.report(**report)
         if stop:
             break
         if save is not None and epoch < config.epochs:

@@ -16,6 +16,7 @@ from workers.config import TrainConfig
 from workers.device import autocast, inference_batch_size
 from workers.metrics import classification_metrics
 from workers.preprocessing import eval_crop, normalize
+from workers.progress import PhaseMeter
 from workers.training.contract import Control
 
 
@@ -47,18 +48,33 @@ def steps_per_epoch(n: int, batch_size: int, min_batch: int = 1) -> int:
     return full + (1 if rest >= min_batch and rest > 0 else 0)
 
 
+def images_per_epoch(n: int, batch_size: int, min_batch: int = 1) -> int:
+    """Images an epoch of `train_batches` trains on: all n, but a tail batch under min_batch."""
+    full, rest = divmod(n, batch_size)
+    return full * batch_size + (rest if rest >= min_batch else 0)
+
+
 @torch.no_grad()  # not inference_mode: a linear probe trains its head on these tensors
 def features_of(features: nn.Module, x_u8: torch.Tensor, pre: Preprocessing, device,
-                 control: Control) -> torch.Tensor:
-    """Features of already-cropped uint8 images, in inference batches."""
+                 control: Control, on_batch: Callable[[int], None] | None = None,
+                 mirrored: bool = False) -> torch.Tensor:
+    """Features of already-cropped uint8 images (of their mirrors, with `mirrored`), in inference
+    batches; `on_batch(n)` after each batch of n (a PhaseMeter counts them). Only a batch of the
+    images is read at a time (they may be a memory map) and the features fill one tensor."""
     features.eval()
-    out = []
+    out = None
     for idx in index_batches(len(x_u8), inference_batch_size(device), None):
-        x = normalize(x_u8[idx].to(device), pre)
+        batch = x_u8[idx]
+        x = normalize((batch.flip(-1) if mirrored else batch).to(device), pre)
         with autocast(device):
-            out.append(features(x).float())
+            f = features(x).float()
+        if out is None:
+            out = torch.empty((len(x_u8), *f.shape[1:]), dtype=f.dtype, device=f.device)
+        out[idx.to(f.device)] = f
         control.stop_if_asked()
-    return torch.cat(out) if out else torch.empty(0)
+        if on_batch is not None:
+            on_batch(len(idx))
+    return out if out is not None else torch.empty(0)
 
 
 @torch.no_grad()
@@ -67,7 +83,8 @@ def logits_of(classifier: Classifier, x_u8, pre, device, control, tta_flip: bool
     logits = classifier.head_logits(features_of(classifier.features, crops, pre, device, control)).float()
     mirrored = None
     if tta_flip:
-        mirrored = classifier.head_logits(features_of(classifier.features, crops.flip(-1), pre, device, control)).float()
+        mirrored = classifier.head_logits(features_of(classifier.features, crops, pre, device, control,
+                                                      mirrored=True)).float()
     return mirror_averaged(logits, mirrored).cpu()
 
 
@@ -82,7 +99,7 @@ def adapt_batchnorm(features: nn.Module, x_u8: torch.Tensor, pre: Preprocessing,
                     control: Control, batch_size: int = 32) -> None:
     """AdaBN (Li et al. 2016): replace every BN layer's running statistics by their average over the
     target images (eval crop), then leave the layers in eval mode, so training keeps them fixed."""
-    control.progress({"phase": "adapting batchnorm statistics"})
+    meter = PhaseMeter(control, "adapting batchnorm statistics", len(x_u8), "images")
     bns = batchnorms(features)
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -94,11 +111,11 @@ def adapt_batchnorm(features: nn.Module, x_u8: torch.Tensor, pre: Preprocessing,
     try:
         crops = eval_crop(x_u8, pre)
         for idx in index_batches(len(crops), batch_size, None):
-            if len(idx) < 2 and len(crops) >= 2:
-                continue  # a lone image has no batch variance worth averaging
-            with autocast(device):
-                features(normalize(crops[idx].to(device), pre))
-            control.stop_if_asked()
+            if len(idx) >= 2 or len(crops) < 2:  # a lone image has no batch variance worth averaging
+                with autocast(device):
+                    features(normalize(crops[idx].to(device), pre))
+                control.stop_if_asked()
+            meter.advance(len(idx))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum

@@ -11,6 +11,7 @@ from workers.artifacts import Classifier, backbone_fingerprint, mirror_averaged
 from workers.backbones import freeze_for_cpu
 from workers.config import TrainConfig
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, to_device
+from workers.progress import PhaseMeter
 from workers.training.contract import Control, PreparedData
 import workers.training.logistic as logistic
 from workers.training.parts import (EarlyStopping, epoch_report, features_of, make_criterion, make_scheduler,
@@ -27,25 +28,36 @@ class FeatureCache:
     are also kept for later jobs of this process on the same images, split and backbone weights
     (`REUSED_FEATURES`): a user trying recipes on one dataset pays for the backbone once.
     `images` counts the backbone passes this job ran.
+
+    The passes are one phase, "extracting features", counted in images through the backbone:
+    train and val, and the mirrors of the splits in `mirrors` ("train", "val"), computed now.
+    A mirror asked for later adds its images to the phase.
     """
 
-    def __init__(self, features: nn.Module, data: PreparedData, device: torch.device, control: Control):
+    def __init__(self, features: nn.Module, data: PreparedData, device: torch.device, control: Control,
+                 mirrors: tuple[str, ...] = ()):
         self.data, self.device, self.control = data, device, control
         self._features, self._runner = features, None
         self.images = 0
+        self._meter: PhaseMeter | None = None
         # On a CPU: what the backbone's weights are (sha256 of its state, ~35 ms for Lite0), the
         # key to features and to a frozen copy that earlier jobs of this process made.
         self._weights = backbone_fingerprint(features.state_dict()) if device.type == "cpu" else None
         key = REUSED_FEATURES.key(data, self._weights)
         entry = REUSED_FEATURES.get(key) if key else None
         self.reused = entry is not None
+        self._entry = entry or {}
+        pending = [split for split in mirrors if f"{split}_mirror" not in self._entry]
+        if entry is None or pending:
+            todo = (len(data.train_x) + len(data.val_x) if entry is None else 0) + sum(map(self._count, pending))
+            self._meter = PhaseMeter(control, "extracting features", todo, "images")
         if entry is None:
-            control.progress({"phase": "extracting features"})
-            entry = {"train": self._compute(data.train_x), "val": self._compute(data.val_x)}
+            entry = self._entry = {"train": self._compute(data.train_x), "val": self._compute(data.val_x)}
             if key:
                 REUSED_FEATURES.put(key, entry)
-        self._entry = entry
         self.train, self.val = entry["train"], entry["val"]
+        for split in pending:
+            self.mirror(split, counted=True)
 
     @property
     def runner(self) -> nn.Module:
@@ -63,15 +75,23 @@ class FeatureCache:
             self._runner = frozen or self._features
         return self._runner
 
+    def _count(self, split: str) -> int:
+        return len(self.data.train_x if split == "train" else self.data.val_x)
+
     def _compute(self, x_u8: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
         crops = eval_crop(x_u8, self.data.preprocessing)
         self.images += len(x_u8)
-        return features_of(self.runner, crops.flip(-1) if mirrored else crops, self.data.preprocessing,
-                            self.device, self.control)
+        return features_of(self.runner, crops, self.data.preprocessing, self.device, self.control,
+                           on_batch=self._meter, mirrored=mirrored)
 
-    def mirror(self, split: str) -> torch.Tensor:
+    def mirror(self, split: str, counted: bool = False) -> torch.Tensor:
+        """The features of the split's mirrored images (computed on first use)."""
         name = f"{split}_mirror"
         if name not in self._entry:  # the entry may be shared: later jobs get the mirror too
+            if self._meter is None:
+                self._meter = PhaseMeter(self.control, "extracting features", self._count(split), "images")
+            elif not counted:
+                self._meter.grow(self._count(split))
             self._entry[name] = self._compute(self.data.train_x if split == "train" else self.data.val_x,
                                               mirrored=True)
         return self._entry[name]
@@ -149,6 +169,7 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
     stopper = EarlyStopping(config.monitor, config.patience)
     history = []
     classifier.features.eval()
+    meter = PhaseMeter(control, "training", config.epochs, "epochs")
     for epoch in range(1, config.epochs + 1):
         head.train()  # only the head's modules: walking the backbone every epoch costs more than the epoch
         loss_sum, count = torch.zeros((), device=device), 0  # summed on the device, as in fine_tune
@@ -165,7 +186,7 @@ def fit_head(config: TrainConfig, classifier: Classifier, cache: FeatureCache, t
                                opt.param_groups[0]["lr"])
         history.append(report)
         stop = stopper.update(report, head)
-        control.progress({"phase": "training", **report})
+        meter.report(1, **report)
         control.stop_if_asked()
         if stop:
             break
@@ -179,8 +200,8 @@ def fit_logistic_head(config: TrainConfig, classifier: Classifier, cache: Featur
                       val_y: torch.Tensor, control: Control) -> tuple[list[dict], torch.Tensor, int]:
     """solver "lbfgs": logistic regression (workers/training/logistic.py) fitted once, folded into the
     linear head; its history is that one fit, scored on val."""
-    control.progress({"phase": "training", "solver": "lbfgs"})
     mirror = cache.mirror("train").cpu() if config.augmentation == "light" else None
+    meter = PhaseMeter(control, "training", 1, "fits", solver="lbfgs")
     x, y = logistic.training_set(cache.train.cpu(), train_y.cpu(), mirror)
     fit = logistic.fit_logistic(x, y, num_classes_of(classifier), config.logistic_c,
                                 balanced=config.class_weighting == "balanced")
@@ -192,8 +213,10 @@ def fit_logistic_head(config: TrainConfig, classifier: Classifier, cache: Featur
         if config.tta_flip:
             val_logits = (val_logits + classifier.head_logits(cache.mirror("val")).float()) / 2
     val_logits = val_logits.cpu()
+    report = epoch_report(1, 1, train_loss, val_logits, val_y, 0.0)
+    meter.report(1, **report)
     control.stop_if_asked()
-    return [epoch_report(1, 1, train_loss, val_logits, val_y, 0.0)], val_logits, cache.images
+    return [report], val_logits, cache.images
 
 
 def num_classes_of(classifier: Classifier) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from workers.artifacts import Classifier
 from workers.config import TrainConfig
 from workers.device import single_thread
-from workers.training.contract import Control, PreparedData, TrainResult
+from workers.training.contract import Control, HeldOut, PreparedData, TrainResult
 from workers.training.finetune import fine_tune
 from workers.training.parts import adapt_batchnorm, best_report, calibrate_and_score, logits_of
 from workers.training.probe import FeatureCache, fit_head
@@ -18,12 +19,17 @@ from workers.training.top import fine_tune_top
 
 def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
                  control: Control, device: torch.device, cache: FeatureCache | None = None,
-                 deadline: float | None = None, checkpoints: bool = False) -> TrainResult:
+                 deadline: float | None = None, checkpoints: bool = False,
+                 init_head: Callable[[Classifier], object] | None = None) -> TrainResult:
     """One explicit recipe. A linear probe may be handed a `cache` of the same backbone's features.
-    With a `deadline` (time.perf_counter()), fine-tuning ends after the last epoch that fits."""
+    With a `deadline` (time.perf_counter()), fine-tuning ends after the last epoch that fits.
+    `init_head` sets the new head's starting weights (a base model's rows) where a head trains by
+    gradient; a logistic-regression fit (solver lbfgs) has no start to set."""
     torch.manual_seed(config.seed)
     classifier = Classifier(features, feature_dim, len(data.classes), head=config.head,
                             hidden_dim=config.hidden_dim, dropout=config.dropout)
+    if init_head is not None and config.strategy not in ("fine_tune_top",) and config.solver != "lbfgs":
+        init_head(classifier)
     classifier.tta_flip = bool(config.tta_flip)
     classifier.to(device, memory_format=torch.channels_last)
     started = time.perf_counter()
@@ -31,7 +37,8 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
         if cache is None:
             if config.bn_mode == "adabn":
                 adapt_batchnorm(features, data.train_x, data.preprocessing, device, control)
-            cache = FeatureCache(features, data, device, control)
+            mirrors = (("train",) if config.augmentation == "light" else ()) + (("val",) if config.tta_flip else ())
+            cache = FeatureCache(features, data, device, control, mirrors)  # one phase for every pass
         if config.augmentation == "light":
             cache.mirror("train")  # backbone passes: before the head's single-threaded loop
         if config.tta_flip:
@@ -39,7 +46,8 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
         with single_thread(device):
             history, val_logits, seen = fit_head(config, classifier, cache, data.train_y, data.val_y, control)
     elif config.strategy == "fine_tune_top":  # its own classifier, on a copy of `features`
-        classifier, history, val_logits, seen = fine_tune_top(config, data, features, control, device, deadline)
+        classifier, history, val_logits, seen = fine_tune_top(config, data, features, control, device, deadline,
+                                                              init_head)
     else:
         history, seen = fine_tune(config, data, classifier, control, device, deadline, checkpoints)
         classifier.eval()
@@ -58,6 +66,9 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
                    num_train_images=int(len(data.train_y)))
     if cache is not None:
         metrics["features_reused"] = cache.reused  # from an earlier job on the same images and weights
-    return TrainResult(classifier.to("cpu").float(), metrics, history, config.model_dump())
+    n_train = len(data.train_y)
+    held_out = HeldOut(val_logits.float().cpu(), data.val_y.cpu(), torch.arange(n_train, n_train + len(data.val_y)),
+                       "val")
+    return TrainResult(classifier.to("cpu").float(), metrics, history, config.model_dump(), held_out=held_out)
 
 

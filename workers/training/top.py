@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,30 +26,46 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from workers.artifacts import Classifier
-from workers.backbones import (_RESNET_STAGES, BACKBONES, BackboneSpec, Preprocessing, freeze_for_cpu,
-                                get_backbone)
+from workers.backbones import (_REGNET_STAGES, _RESNET_STAGES, BACKBONES, BackboneSpec, Preprocessing,
+                                freeze_for_cpu, get_backbone)
 from workers.config import TrainConfig
 from workers.device import autocast, inference_batch_size
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, to_device
+from workers.progress import PhaseMeter
 from workers.training.contract import Control, PreparedData
 from workers.training.finetune import stage_param_groups
-from workers.training.parts import (EarlyStopping, batchnorms, epoch_report, make_criterion, make_scheduler,
-                                    optimizer_step, regularized_loss, set_train_modes, steps_per_epoch,
-                                    train_batches)
+from workers.training.parts import (EarlyStopping, batchnorms, epoch_report, images_per_epoch, make_criterion,
+                                    make_scheduler, optimizer_step, regularized_loss, set_train_modes,
+                                    steps_per_epoch, train_batches)
 
 # The stage groups (workers/backbones.py) of the families whose forward is their stages in order,
 # then pooling: timm's EfficientNets (Lite0, and any Lite with the same module names) and ResNets.
 _EFFICIENTNET_STAGES = ("conv_stem bn1", "blocks.*", "conv_head bn2")
 TOP_BATCH = 64  # the top's inference batches (pooled, logits, AdaBN)
-PROGRESS_EVERY_S = 1.0
 TRACE_FROM_IMAGES = 64  # tracing Lite0's bottom costs about what 30-60 eager images do
+
+
+# timm model classes (timm/<model> and registered backbones) whose forward_features runs their
+# top-level modules in order (a container of stages, one child after the other), and whose
+# forward_head(pre_logits=True) runs the rest: the class -> the top-level modules forward_head runs.
+# tests/unit/test_top_tuning.py checks each against the model's own forward at every cut.
+_TIMM_SEQUENTIAL: dict[str, tuple[str, ...]] = {
+    "EfficientNet": ("global_pool", "classifier"),
+    "ResNet": ("global_pool", "fc"),
+    "ConvNeXt": ("head",),
+    "RegNet": ("head",),
+    "ByobNet": ("head",),
+    "MobileNetV3": ("global_pool", "conv_head", "norm_head", "act2", "flatten", "classifier"),
+}
 
 
 def supports_top_tuning(spec: BackboneSpec) -> bool:
     """True when the backbone's forward splits cleanly between any two stages."""
-    if spec.tv_weights is None:  # timm
+    if spec.timm is not None:
+        return spec.timm.family in _TIMM_SEQUENTIAL
+    if spec.package is not None:  # the Lites
         return spec.stage_groups == _EFFICIENTNET_STAGES
-    return spec.stage_groups == _RESNET_STAGES and spec.head == "fc"
+    return spec.head == "fc" and spec.stage_groups in (_RESNET_STAGES, _REGNET_STAGES)
 
 
 # --- the forward, cut between stages --------------------------------------------------------------
@@ -58,6 +74,18 @@ def _stage_modules(features: nn.Module, spec: BackboneSpec) -> tuple[list[list[n
     """The modules each stage runs, in order, and the tail that pools the last stage's output into
     features; checked against `spec.stages` so a stage here is a stage there."""
     f = features
+    if spec.timm is not None and supports_top_tuning(spec):
+        run_by_head = _TIMM_SEQUENTIAL[spec.timm.family]
+        stages = [[f.get_submodule(p) for p in group.split() if p.split(".")[0] not in run_by_head]
+                  for group in spec.stage_groups]
+        # forward_features' parameter-free last modules (an Identity norm) are in no stage: run them too
+        children = [n for n, _ in f.named_children()]
+        after = children[children.index(spec.stage_groups[-1].split()[-1].split(".")[0]) + 1:]
+        stages[-1] += [f.get_submodule(n) for n in after if n not in run_by_head]
+
+        def tail(x):  # global pool (and what else the family's head runs before its classifier)
+            return f.forward_head(x, pre_logits=True)
+        return stages, tail  # built from spec.stage_groups itself: nothing to check against
     if isinstance(f, EfficientNet) and supports_top_tuning(spec):
         stages = [[f.conv_stem, f.bn1], *([b] for b in f.blocks), [f.conv_head, f.bn2]]
 
@@ -65,6 +93,11 @@ def _stage_modules(features: nn.Module, spec: BackboneSpec) -> tuple[list[list[n
             return f.forward_head(x, pre_logits=True)
     elif isinstance(f, tvm.ResNet) and supports_top_tuning(spec):
         stages = [[f.conv1, f.bn1, f.relu, f.maxpool], [f.layer1], [f.layer2], [f.layer3], [f.layer4]]
+
+        def tail(x):
+            return torch.flatten(f.avgpool(x), 1)
+    elif isinstance(f, tvm.RegNet) and supports_top_tuning(spec):
+        stages = [[f.stem], *([b] for b in f.trunk_output)]
 
         def tail(x):
             return torch.flatten(f.avgpool(x), 1)
@@ -117,18 +150,21 @@ class StageActivations:
     spec: BackboneSpec
     k: int  # stages above the cut (clamped to the backbone's)
     seconds: float = 0.0  # the bottom passes took this long
+    control: Control | None = field(default=None, repr=False, compare=False)  # reports `pooled`'s pass
 
     @classmethod
     @torch.no_grad()
     def compute(cls, features: nn.Module, spec: BackboneSpec, x_u8: torch.Tensor, pre: Preprocessing, k: int,
-                device: torch.device, control: Control) -> StageActivations:
-        """Bottom forward in eval mode over uint8 squares [N, 3, S, S] (eval crop; and its mirror)."""
+                device: torch.device, control: Control, meter: PhaseMeter | None = None) -> StageActivations:
+        """Bottom forward in eval mode over uint8 squares [N, 3, S, S] (eval crop; and its mirror).
+        Phase "caching activations", in images (each with its mirror); `meter` counts them
+        instead, for one phase over several calls."""
         started = time.perf_counter()
         features.eval()
         k = _cut(features, spec, k)[0]
         bottom = _runner(bottom_of(features, spec, k), pre, device, len(x_u8))
         n, acts, mirror = len(x_u8), None, None
-        reported = 0.0
+        meter = meter or PhaseMeter(control, "caching activations", n, "images")
         for idx in _batches(n, inference_batch_size(device)):
             crops = eval_crop(x_u8[to_device(idx, x_u8.device)], pre).to(device)
             with autocast(device):
@@ -138,19 +174,17 @@ class StageActivations:
                                             memory_format=torch.channels_last) for _ in range(2))
             acts[idx], mirror[idx] = a.to("cpu", torch.float16), m.to("cpu", torch.float16)
             control.stop_if_asked()
-            if time.perf_counter() - reported >= PROGRESS_EVERY_S or idx[-1] == n - 1:
-                reported = time.perf_counter()
-                control.progress({"phase": "caching activations", "done": int(idx[-1]) + 1, "total": n})
+            meter.advance(len(idx))
         if acts is None:
             raise ValueError("no images to cache activations of")
-        return cls(acts, mirror, spec, k, time.perf_counter() - started)
+        return cls(acts, mirror, spec, k, time.perf_counter() - started, control)
 
     def cat(self, other: StageActivations) -> StageActivations:
         """These images, then the other's (same backbone and cut)."""
         if (other.spec.name, other.k) != (self.spec.name, self.k):
             raise ValueError("activations of different backbones or cuts cannot be joined")
         return StageActivations(torch.cat([self.acts, other.acts]), torch.cat([self.acts_mirror, other.acts_mirror]),
-                                self.spec, self.k, self.seconds + other.seconds)
+                                self.spec, self.k, self.seconds + other.seconds, self.control)
 
     def batch(self, rows: torch.Tensor, device: torch.device, mirrored: torch.Tensor | bool = False) -> torch.Tensor:
         """float32 activations of `rows` on `device`: the mirrors' when `mirrored` is True, or where
@@ -162,15 +196,25 @@ class StageActivations:
         return x.to(device).float().contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def pooled(self, features: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled(self, features: nn.Module, control: Control | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen top run over the cache: pooled features [N, D] (float32, host) of the images and
-        of their mirrors — the probe's features, from the same bottom pass."""
+        of their mirrors — the probe's features, from the same bottom pass. Phase "pooling
+        features" (images and mirrors), through `control` or the one the cache was computed under."""
         features.eval()
         top = top_of(features, self.spec, self.k)
         device = next(features.parameters()).device
-        return tuple(torch.cat([top(self.batch(rows, device, mirrored)).float().cpu()
-                                for rows in _batches(len(self.acts), TOP_BATCH)])
-                     for mirrored in (False, True))  # type: ignore[return-value]
+        control = control or self.control
+        meter = PhaseMeter(control, "pooling features", 2 * len(self.acts), "images") if control else None
+        out = []
+        for mirrored in (False, True):
+            parts = []
+            for rows in _batches(len(self.acts), TOP_BATCH):
+                parts.append(top(self.batch(rows, device, mirrored)).float().cpu())
+                if meter is not None:
+                    control.stop_if_asked()
+                    meter.advance(len(rows))
+            out.append(torch.cat(parts))
+        return out[0], out[1]
 
     def __len__(self) -> int:
         return len(self.acts)
@@ -203,7 +247,8 @@ def fit_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts: 
 def train_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts: StageActivations,
               idx: torch.Tensor, y: torch.Tensor, num_classes: int, control: Control, device: torch.device,
               val_idx: torch.Tensor | None = None, val_y: torch.Tensor | None = None,
-              deadline: float | None = None) -> tuple[Classifier, list[dict], int]:
+              deadline: float | None = None, init_head: Callable[[Classifier], object] | None = None,
+              ) -> tuple[Classifier, list[dict], int]:
     """`fit_top`, with early stopping on (val_idx, val_y) when given (the best epoch by
     config.monitor is kept) and a `deadline` (time.perf_counter()) after which no epoch starts.
     Returns the classifier, the epoch history and the images trained on. Deterministic for
@@ -216,6 +261,8 @@ def train_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts
         torch.manual_seed(config.seed)  # the head's initialisation, dropout and MixUp coefficients
         classifier = Classifier(copy.deepcopy(features), spec.feature_dim, num_classes, head=config.head or "linear",
                                 hidden_dim=config.hidden_dim, dropout=config.dropout or 0.0)
+        if init_head is not None:  # training on from a base model: its head rows (workers/base_model.py)
+            init_head(classifier)
         classifier.tta_flip = bool(config.tta_flip)
         classifier.to(device, memory_format=torch.channels_last)
         history, seen = _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, control, device,
@@ -246,11 +293,13 @@ def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, co
     tuned = nn.ModuleDict({"head": classifier.head, "stages": nn.ModuleList(stages[len(stages) - trained:])})
     stopper = EarlyStopping(config.monitor, config.patience)
     history, seen = [], 0
+    meter = PhaseMeter(control, "training", config.epochs * images_per_epoch(len(idx), config.batch_size, min_batch),
+                       "images")
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         set_train_modes(classifier, stages, trained, config.bn_mode)
         loss_sum, count = torch.zeros((), device=device), 0
-        for b in train_batches(y, config.batch_size, config.sampler, gen, min_batch):
+        for step, b in enumerate(train_batches(y, config.batch_size, config.sampler, gen, min_batch), start=1):
             flips = torch.rand(len(b), generator=gen) < 0.5 if mirror else False
             x = acts.batch(idx[b], device, flips)
             x, target = mix_batch(x, to_device(y[b], device), mixer, config.mix_prob, gen)
@@ -260,6 +309,7 @@ def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, co
             optimizer_step(loss, opt, sched)
             loss_sum += loss.detach() * len(b)
             count += len(b)
+            meter.report(len(b), epoch=epoch, epochs=config.epochs, step=step, steps=per_epoch)
             control.stop_if_asked()
         seen += count
         classifier.eval()
@@ -267,7 +317,7 @@ def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, co
                                val_idx, val_y)
         history.append(report)
         stop = val_idx is not None and stopper.update(report, tuned)
-        control.progress({"phase": "training", **report})
+        meter.report(**report)
         if stop:
             break
         if deadline is not None and epoch < config.epochs and 2 * time.perf_counter() - epoch_started > deadline:
@@ -291,7 +341,7 @@ def _adapt_batchnorm(top: nn.Module, tuned: list[nn.Module], acts: StageActivati
                      device: torch.device, control: Control) -> None:
     """AdaBN on the trained stages only: their running statistics become the average over the cached
     training images (the bottom, whose output is cached, keeps the pretrained ones); then frozen."""
-    control.progress({"phase": "adapting batchnorm statistics"})
+    meter = PhaseMeter(control, "adapting batchnorm statistics", len(idx), "images")
     bns = [bn for stage in tuned for bn in batchnorms(stage)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -300,11 +350,11 @@ def _adapt_batchnorm(top: nn.Module, tuned: list[nn.Module], acts: StageActivati
         bn.train()
     try:
         for b in _batches(len(idx), TOP_BATCH):
-            if len(b) < 2 and len(idx) >= 2:
-                continue  # a lone image has no batch variance worth averaging
-            with autocast(device):
-                top(acts.batch(idx[b], device))
-            control.stop_if_asked()
+            if len(b) >= 2 or len(idx) < 2:  # a lone image has no batch variance worth averaging
+                with autocast(device):
+                    top(acts.batch(idx[b], device))
+                control.stop_if_asked()
+            meter.advance(len(b))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -336,17 +386,20 @@ def top_logits(classifier: Classifier, spec: BackboneSpec, k: int, acts: StageAc
 
 def fine_tune_top(config: TrainConfig, data: PreparedData, features: nn.Module, control: Control,
                   device: torch.device, deadline: float | None = None,
+                  init_head: Callable[[Classifier], object] | None = None,
                   ) -> tuple[Classifier, list[dict], torch.Tensor, int]:
     """strategy fine_tune_top: cache train and val, train on train, early-stop on val. Returns the
     classifier, history, the best epoch's val logits and the images trained on."""
     spec = get_backbone(config.backbone)
     k = config.unfreeze_stages
     pre = data.preprocessing
-    acts = StageActivations.compute(features, spec, data.train_x, pre, k, device, control).cat(
-        StageActivations.compute(features, spec, data.val_x, pre, k, device, control))
+    meter = PhaseMeter(control, "caching activations", len(data.train_x) + len(data.val_x), "images")
+    acts = StageActivations.compute(features, spec, data.train_x, pre, k, device, control, meter).cat(
+        StageActivations.compute(features, spec, data.val_x, pre, k, device, control, meter))
     n = len(data.train_y)
     train_idx, val_idx = torch.arange(n), torch.arange(n, len(acts))
     classifier, history, seen = train_top(config, features, spec, acts, train_idx, data.train_y,
-                                          len(data.classes), control, device, val_idx, data.val_y, deadline)
+                                          len(data.classes), control, device, val_idx, data.val_y, deadline,
+                                          init_head)
     val_logits = top_logits(classifier, spec, acts.k, acts, val_idx, bool(config.tta_flip))
     return classifier, history, val_logits, seen

@@ -36,6 +36,7 @@ from service.enums import TERMINAL, JobKind, JobStatus
 from service.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType
 from service.store.queue import JobQueue
 from service.store.tables import Dataset, Job, Model
+from service.store.objects import store_for
 from workers.batch_predict import results_path
 
 router = APIRouter(tags=["batch predictions"])
@@ -168,9 +169,10 @@ def download_results(batch_id: str, fmt: str, caller: PredictCaller, session: Se
     if job.status != JobStatus.succeeded:
         raise Conflict(f"batch prediction {batch_id} is {job.status}; its results are ready once it has "
                        "succeeded", job_status=job.status)
-    path = results_path(settings, job.id, fmt)
-    if not path.is_file():
-        raise Conflict(f"batch prediction {batch_id}'s results are missing from the data dir; run it again")
+    try:  # from the object store into this machine's cache, checked against its sha256
+        path = store_for(settings).fetch(settings.relative_to_data(results_path(settings, job.id, fmt)))
+    except FileNotFoundError:
+        raise Conflict(f"batch prediction {batch_id}'s results are missing from the store; run it again") from None
     return file_while_key_valid(path, db, caller, MEDIA_TYPES[fmt], f"{job.id}.{fmt}")  # ends if the key is revoked
 
 

@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from service.api import quotas
 from service.api.auth import Caller, TrainCaller, still_valid
 from service.datasets.catalog import dataset_for_job, job_or_404
+from service.datasets.lineage import with_base_model
 from service.store.db import Database
 from service.api.deps import DatabaseDep, SessionDep, SettingsDep
 from service.errors import Conflict
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def create_job(body: JobCreate, caller: TrainCaller, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Queue a training job; the recipe's defaults are filled in and stored on the job."""
     dataset_for_job(session, body.dataset_id, caller.project_id)  # 422 when it cannot train; freezes it
+    body = with_base_model(session, body, caller.project_id)  # 404/409/422 for a base model it cannot use
     quotas.check_new_job(session, settings, caller.project_id)
     config = body.model_dump(exclude={"dataset_id", "priority", "device"})
     job = JobQueue.enqueue(session, project_id=caller.project_id, dataset_id=body.dataset_id, config=config,

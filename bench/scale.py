@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -230,6 +231,7 @@ def run_size(n: int, zip_path: Path, strategies: list[str], repo: Path, env: dic
             out["cache_disk_mb"] = du_mb(data_dir / "cache" / "decoded")
         finally:
             sampler.close()
+    shutil.rmtree(data_dir, ignore_errors=True)  # the server's fresh data dir: gigabytes at 20,000
     out["load_after"] = loadavg()
     return out
 

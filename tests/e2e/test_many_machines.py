@@ -105,9 +105,10 @@ def test_the_api_and_two_workers_share_nothing_but_postgres_and_the_bucket(machi
     with httpx.Client(base_url=m.url, timeout=60) as client:
         # 1. The README flow, across machines.
         dataset = client.post("/v1/datasets", files={"file": ("bugs.zip", subset_zip(6, 3))}).json()
-        job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "strategy": "linear_probe",
-                                            "image_size": 64, "epochs": 3}).json()
-        job = wait_job(client, job["id"])
+        resp = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "strategy": "linear_probe",
+                                             "image_size": 64, "epochs": 3})
+        assert resp.status_code == 202, resp.text
+        job = wait_job(client, resp.json()["id"])
         assert job["status"] == "succeeded", job
         photo = hymenoptera_files("val", "bees")[0]
         answer = client.post(f"/v1/models/{job['model_id']}/predict", files={"file": (photo.name, photo.read_bytes())})

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
         "else in a scratch file removed after the job"))
     worker_memory_mb: int = Field(1024, ge=1, description=(
         "what a worker may hold of a job's data in memory: decoded images of recent jobs (up to half; "
-        "beyond it they are read from the cache's memory map, batch by batch), the decoding batch (a "
-        "sixteenth) and the linear-probe features kept for later jobs (a quarter, at most 256 MiB). "
+        "beyond it they are read from the cache's memory map, batch by batch), the decoding batches (two "
+        "of a sixteenth) and the linear-probe features kept for later jobs (a quarter, at most 256 MiB). "
         "The worker's own code, backbone and training batches come on top (about 1 GB on a CPU)"))
     warm_up_worker: bool = Field(True, description="GPU workers initialise CUDA and run the default "
                                  "backbone once at start, so the first job does not pay for it")

@@ -11,8 +11,8 @@ Memory (`memory_bytes`, GRAFT_WORKER_MEMORY_MB): the pages of a map that a job h
 the kernel's page cache (shared, reclaimable), but they would count in the worker's RSS while
 mapped. So up to half the budget of recently used maps stays resident, as an in-memory cache
 would, and the pages of the others are handed back to the page cache (MADV_DONTNEED) every
-`RELEASE_EVERY_S`; a later read of them is a minor page fault. Decoding holds one batch of
-`memory_bytes / 16` at a time.
+`RELEASE_EVERY_S`; a later read of them is a minor page fault. Decoding holds two batches of
+`memory_bytes / 16` (one written while the next decodes).
 
 File format (`<name>.u8`, little-endian): a 64-byte header (magic "GRAFTU8\\0", format version,
 rows, channels, height, width, data offset), the rows' order (u32 each: the position of the row's
@@ -21,7 +21,9 @@ image in the list the cache key was made from), the pixels from the data offset 
 holds an exclusive flock on, fsynced and renamed into place, so no reader ever sees part of one;
 a file whose header, exact size or end marker is wrong (truncated, overwritten) is deleted when it
 is opened and built again: it is never read as pixels. Temporary files whose writer died (no
-flock held) are swept with the eviction.
+flock held) are swept with the eviction. Graft never changes a file in place (so a worker may map
+it while another deletes or replaces it); a file truncated by hand under a running worker would
+end that worker's next read of it with SIGBUS, as with any memory-mapped file.
 """
 from __future__ import annotations
 

@@ -267,7 +267,7 @@ def main() -> None:
 # --- where the memory goes, phase by phase, in one process (--phases) --------------------------------
 
 PHASES_CHILD = r'''
-import hashlib, json, sys, tempfile, threading, time, zipfile
+import hashlib, json, shutil, sys, tempfile, threading, time, zipfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -337,6 +337,7 @@ prepared_s = time.perf_counter() - t0
 result = train(config, data, features, spec.feature_dim, phases, torch.device("cpu"))
 phases.enter("done")
 phases.close()
+shutil.rmtree(cache_dir, ignore_errors=True)
 out = {"seconds": round(time.perf_counter() - t0, 1), "prepare_s": round(prepared_s, 1),
        "val_accuracy": result.metrics["val_accuracy"],
        "phases": {k: {f: round(v / 1024) for f, v in p.items()} for k, p in phases.peaks.items()}}

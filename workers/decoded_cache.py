@@ -349,3 +349,49 @@ class Pager:
                 if not self._maps:
                     self._thread = None
                     return
+
+
+# --- large host buffers a job fills and reads (cached activations) -----------------------------------
+
+class Scratch:
+    """Host tensors for what a job computes once and then reads in batches (fine_tune_top's cached
+    activations: 37.6 KB an image for Lite0's last two stages at 224 px, with mirrors). One under
+    `max_bytes` is ordinary memory; a larger one is a memory-mapped file under `root`, deleted as
+    soon as it is mapped, whose pages beyond `max_bytes` go back to the page cache (the pager), so
+    it costs disk, not the worker's memory. The worker sets both from its settings; without a root
+    (tests, benchmarks) every buffer is ordinary memory."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES // 4, root: Path | None = None):
+        self.max_bytes, self.root = max_bytes, root
+        self.pager = Pager(max_bytes)
+
+    def configure(self, max_bytes: int, root: Path | None) -> None:
+        self.max_bytes, self.root = max_bytes, root
+        self.pager.resident_bytes = max_bytes
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+        """An uninitialised tensor of `shape` ([N, C, H, W] when channels_last) on the host."""
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if self.root is None or nbytes <= self.max_bytes or nbytes == 0:
+            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{TMP_PREFIX}scratch-{uuid.uuid4().hex}"
+        try:
+            with open(path, "w+b") as f:
+                f.truncate(nbytes)
+                mm = mmap.mmap(f.fileno(), nbytes)  # shared: written pages stay in the file
+        except OSError:
+            log.warning("no disk for a %d-byte scratch buffer; it is kept in memory", nbytes, exc_info=True)
+            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        finally:
+            path.unlink(missing_ok=True)
+        self.pager.add(mm, nbytes)
+        flat = torch.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)))
+        if channels_last:
+            n, c, h, w = shape
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(shape)
+
+
+SCRATCH = Scratch()

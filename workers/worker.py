@@ -37,6 +37,7 @@ from workers.errors import JobError, StopJob
 from workers.device import resolve_device
 from workers.progress import ProgressTracker
 from workers.training import train
+from workers.decoded_cache import SCRATCH
 from workers.training.probe import REUSED_FEATURES
 
 log = logging.getLogger("graft.worker")
@@ -163,6 +164,7 @@ class Worker:
         memory = settings.worker_memory_mb * 2**20  # what this worker holds of jobs' data (issue 22)
         self.decoded = DecodedCache(settings.decoded_cache_dir, settings.decoded_cache_mb * 2**20, memory_bytes=memory)
         REUSED_FEATURES.max_bytes = min(256 * 2**20, memory // 4)
+        SCRATCH.configure(memory // 4, settings.decoded_cache_dir)  # fine_tune_top's activations past it
         use_registry(settings.backbone_registry_file)  # the operator's extra backbones on this machine
         self._pretrained: dict[str, torch.nn.Module] = {}  # pristine backbones (by weights_key), copied for each job
         if self.device.type == "cuda" and settings.warm_up_worker:

@@ -78,6 +78,23 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when it writes, not the one it was made with: a stream
+    swapped in for a while (a test's capture, a CLI runner) is closed later, and a handler holding it
+    then fails on every record."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     """Route every logger (uvicorn's included) through one handler on stderr.
 
@@ -88,7 +105,7 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
         fmt = "text" if sys.stderr.isatty() else "json"
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be json, text or auto, not {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     handler.addFilter(RequestIdFilter())

@@ -272,3 +272,28 @@ def _count_listing_statements(settings, client, uploaded) -> None:
     assert large == small and max(large) <= 6, (small, large)
     n, last_page = statements(f"/v1/datasets/{uploaded}/images", limit=1000, offset=19_500)
     assert n == small[0] and len(last_page) == 500 and last_page[-1]["id"] == f"{20_000 - 61:064x}"
+
+
+def test_cached_activations_past_the_budget_live_in_a_scratch_file_with_the_same_values(tmp_path):
+    """fine_tune_top's activation cache over the worker's budget is a mapped scratch file (deleted
+    once mapped), and holds exactly what the in-memory cache holds."""
+    from tests.support.training import tiny_data
+    from workers.decoded_cache import SCRATCH
+    from workers.training.top import StageActivations
+
+    data = tiny_data(6, 3)
+    features = SPEC.build_features(pretrained=True)
+    compute = lambda: StageActivations.compute(features, SPEC, data.labeled_x(), PRE, 2, torch.device("cpu"),  # noqa: E731
+                                               NullControl())
+    in_memory = compute()
+    saved = SCRATCH.max_bytes, SCRATCH.root
+    SCRATCH.configure(1024, tmp_path)
+    try:
+        spilled = compute()
+    finally:
+        SCRATCH.configure(*saved)
+    assert spilled.acts.untyped_storage().data_ptr() != in_memory.acts.untyped_storage().data_ptr()
+    assert list(tmp_path.iterdir()) == [], "the scratch files are deleted once mapped"
+    assert any(str(tmp_path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+    assert spilled.acts.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(spilled.acts, in_memory.acts) and torch.equal(spilled.acts_mirror, in_memory.acts_mirror)

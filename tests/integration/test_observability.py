@@ -143,3 +143,26 @@ def test_readyz_is_503_for_an_unmigrated_or_unreachable_database_and_metrics_sti
         assert resp.status_code == 503 and not resp.json()["checks"]["database"]["ok"]
         m = metrics_of(c)
         assert m[("graft_database_up", ())] == 0 and ("graft_jobs", (("status", "queued"),)) not in m
+
+
+def test_the_log_handler_follows_stderr_when_the_stream_it_started_on_is_closed(monkeypatch, capsys):
+    """`graft serve` run in-process (a test, a CLI runner) swaps sys.stderr for a while; a handler
+    bound to that stream failed on every later record with 'I/O operation on closed file'."""
+    from service.api.observability import configure_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        swapped = io.StringIO()
+        monkeypatch.setattr("sys.stderr", swapped)
+        configure_logging("text")
+        logging.getLogger("graft.test").info("while swapped")
+        swapped.close()
+        monkeypatch.undo()
+        capsys.readouterr()
+        logging.getLogger("graft.test").info("after the swap")
+        err = capsys.readouterr().err
+        assert "after the swap" in err and "Logging error" not in err
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)

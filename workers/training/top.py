@@ -29,6 +29,7 @@ from workers.artifacts import Classifier
 from workers.backbones import (_REGNET_STAGES, _RESNET_STAGES, BACKBONES, BackboneSpec, Preprocessing,
                                 freeze_for_cpu, get_backbone)
 from workers.config import TrainConfig
+from workers.decoded_cache import SCRATCH
 from workers.device import autocast, inference_batch_size
 from workers.preprocessing import batch_mixer, eval_crop, mix_batch, normalize, to_device
 from workers.progress import PhaseMeter
@@ -170,8 +171,9 @@ class StageActivations:
             with autocast(device):
                 a, m = bottom(normalize(crops, pre)), bottom(normalize(crops.flip(-1), pre))
             if acts is None:
-                acts, mirror = (torch.empty((n, *a.shape[1:]), dtype=torch.float16,
-                                            memory_format=torch.channels_last) for _ in range(2))
+                # beyond the worker's memory budget: in a scratch file, read back a batch at a time
+                acts, mirror = (SCRATCH.empty((n, *a.shape[1:]), torch.float16, channels_last=True)
+                                for _ in range(2))
             acts[idx], mirror[idx] = a.to("cpu", torch.float16), m.to("cpu", torch.float16)
             control.stop_if_asked()
             meter.advance(len(idx))

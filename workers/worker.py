@@ -13,6 +13,7 @@ import uuid
 from typing import Callable
 
 import torch
+from pydantic import ValidationError
 
 from service.datasets.catalog import images_for_training
 from service.store.blobs import BlobStore
@@ -29,7 +30,8 @@ from workers.base_model import BaseStart, base_predictions, class_changes, compa
 from workers.evaluation import EVALUATION_FILE, VALIDATION, evaluation_files, held_out_summary, read_evaluation
 from workers.batch_predict import run_batch_prediction
 from workers.backbone_registry import use_registry
-from workers.backbones import DEFAULT_BACKBONE, BackboneSpec, WeightsMismatch, WeightsUnavailable, get_backbone
+from workers.backbones import (DEFAULT_BACKBONE, BackboneSpec, UnknownBackbone, WeightsMismatch, WeightsUnavailable,
+                               get_backbone)
 from workers.checkpoints import prune_checkpoints, read_checkpoint, remove_checkpoint, write_checkpoint
 from workers.config import TrainConfig
 from workers.data import DecodedCache, prepare_data
@@ -297,8 +299,13 @@ class Worker:
         log.info("job %s stopped: %s", claim.job_id, reason, extra={"action": "job_stop"})
 
     def _train_and_publish(self, claim: Claim, control: LeaseControl) -> None:
-        config = TrainConfig.model_validate(claim.config)
-        spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
+        try:  # the API accepted it, but this machine may not know its backbone (registered elsewhere, or removed)
+            config = TrainConfig.model_validate(claim.config)
+            spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
+        except (ValidationError, UnknownBackbone) as exc:
+            why = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise JobError("invalid_config", f"this worker cannot run the job: {why}; register the "
+                           "backbone on every worker (`graft backbones add`) or choose one from GET /v1/backbones") from None
         base = None
         try:
             base = self._base_start(claim, config) if config.base_model_id else None

@@ -51,7 +51,8 @@ def test_a_tampered_model_file_is_refused(trained, settings):
         relative = conn.exec_driver_sql(f"SELECT artifact_dir FROM model WHERE id = '{model_id}'").scalar_one()
     model_dir = settings.data_dir / relative
     weights = model_dir / WEIGHTS_FILE  # beside it: the held-out predictions, checked when read
-    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    raw = weights.read_bytes()  # the last 8 bytes inverted (zeros could equal what was there)
+    weights.write_bytes(raw[:-8] + bytes(b ^ 0xFF for b in raw[-8:]))
     with TestClient(create_app(settings)) as fresh:  # a new process: nothing cached
         assert_problem(fresh.post(f"/v1/models/{model_id}/predict", files={"file": ("a.png", png(5), "image/png")}),
                        409, "sha256")

@@ -114,6 +114,20 @@ def test_a_timm_vit_from_the_hugging_face_cache_trains_and_exports(api, settings
     assert_onnx_answers_like_predict(client, job["model_id"], tmp_path)
 
 
+def test_a_job_whose_backbone_this_worker_does_not_know_fails_once_saying_what_to_do(api, settings):
+    """The API accepted the job; the operator removed the backbone before a worker took it (or
+    registered it on the API's machine only): one attempt, the user's error, not a crash retried."""
+    client, dataset_id, _ = api
+    resp = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "tiny-eff", "strategy": "linear_probe",
+                                         "image_size": 64})
+    assert resp.status_code == 202, resp.text
+    remove_entry(settings.backbone_registry_file, "tiny-eff")
+    Worker(settings).run(max_jobs=1)
+    job = client.get(f"/v1/jobs/{resp.json()['id']}").json()
+    assert (job["status"], job["attempts"], job["error"]["code"]) == ("failed", 1, "invalid_config"), job
+    assert "tiny-eff" in job["error"]["message"] and "graft backbones add" in job["error"]["message"]
+
+
 def test_missing_or_tampered_weights_fail_the_job_at_once_saying_what_to_do(api, settings):
     client, dataset_id, weights = api
     missing = train(client, settings, dataset_id, backbone="timm/test_resnet", strategy="linear_probe", image_size=64)

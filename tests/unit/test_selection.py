@@ -222,10 +222,39 @@ def test_a_repeat_job_reuses_the_tops_activations_and_folds_and_gives_the_same_m
     assert any(e["recipe"]["strategy"] == "fine_tune_top" for e in runs[0].metrics["auto"]["candidates"])
     refits = int(runs[0].recipe["strategy"] == "fine_tune_top")
     assert runs[0].calls == (1, k + refits)
-    assert runs[1].calls == (0, refits)  # the bottom pass and the folds came from the first job
+    assert runs[1].calls == (0, 0)  # the bottom pass, the folds and the refit came from the first job
     assert runs[1].metrics["auto"]["candidates"] == [{**e, "seconds": e2["seconds"]} for e, e2 in
                                                      zip(runs[0].metrics["auto"]["candidates"],
                                                          runs[1].metrics["auto"]["candidates"])]
     for a, b in zip(runs[0].classifier.state_dict().values(), runs[1].classifier.state_dict().values()):
         assert torch.equal(a, b)
+    # A relabeled image: the same pixels (activations reused), but the folds and the refit train again.
+    relabeled = data.train_y.clone()
+    relabeled[0] = (relabeled[0] + 1) % len(data.classes)
+    computed.clear(), fitted.clear()
+    train(config, dataclasses.replace(data, train_y=relabeled), SPEC.build_features(pretrained=True),
+          SPEC.feature_dim, Recorder(), CPU)
+    assert len(computed) == 0 and len(fitted) >= k
     REUSED_FEATURES.clear()
+
+
+def test_the_top_is_cross_validated_over_fewer_folds_when_k_do_not_fit(unsplit, monkeypatch):
+    """The budget fits fine_tune_top's refit and TOP_MIN_FOLDS folds but not the heads' k: the top
+    is scored out of fold over 3 folds (every image once), the heads over k, and the report says so."""
+    from workers.training import top
+
+    fitted = []
+    real_plan, real_fit = auto.plan_top, top.fit_top
+    monkeypatch.setattr(auto, "plan_top", lambda c, n, folds, *a: real_plan(c, n, folds, *a) if folds <= 3 else None)
+    monkeypatch.setattr(top, "fit_top", lambda *a, **kw: fitted.append(len(a[5])) or real_fit(*a, **kw))
+    monkeypatch.setattr(auto, "plan_fine_tuning", lambda *args, **kwargs: [])
+    data = dataclasses.replace(unsplit, test_x=None, test_y=None)
+    result = train(TrainConfig(backbone="efficientnet_lite0", image_size=64, seed=7, time_budget_s=60), data,
+                   SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU)
+    k, n = result.metrics["estimate"]["folds"], len(data.train_y) + len(data.val_y)
+    assert k > 3
+    top_entries = [e for e in result.metrics["auto"]["candidates"] if e["recipe"]["strategy"] == "fine_tune_top"]
+    assert len(top_entries) == 1 and top_entries[0]["images"] == n  # out of fold on every image
+    folds = fitted[:3]
+    assert len(folds) == 3 and sum(n - f for f in folds) == n  # 3 folds, each image held out once
+    assert "3 folds for fine_tune_top" in result.metrics["auto"]["selected_on"]

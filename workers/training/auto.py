@@ -30,8 +30,8 @@ candidates that contradict them are skipped):
    cache also gives the heads their features: one bottom pass for both. (With a user's val split
    it is not tried: the explicit strategy is there for that.)
 3. When the job names no backbone: the same logistic heads on the frozen features of the other
-   EfficientNet-Lites (`AUTO_BACKBONES`; the images decoded again at each one's own resize and
-   crop through `PreparedData.at_backbone`), under the same folds or on the same val split, while
+   EfficientNet-Lites and the operator's backbones registered for auto (`auto_candidates()`; the
+   images decoded again at each one's own resize and crop through `PreparedData.at_backbone`), under the same folds or on the same val split, while
    the cost model says their decoding, features and fits fit in what the budget has left. On
    hymenoptera Lite1/Lite2 features beat Lite0's by 1-2 points; on bloodcells (microscopy) the top
    fine-tune of Lite0 wins by far and leaves no budget for them (docs/benchmarks.md).
@@ -73,7 +73,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from workers.artifacts import Classifier, backbone_fingerprint
-from workers.backbones import AUTO_BACKBONES, DEFAULT_BACKBONE, get_backbone
+from workers.backbones import DEFAULT_BACKBONE, auto_candidates, get_backbone
 from workers.config import TrainConfig
 from workers.errors import JobError
 import workers.training.logistic as logistic
@@ -98,12 +98,16 @@ INFER_IMAGES_PER_S = {
 }
 DECODE_IMAGES_PER_S = 300.0  # decoding the images again for another backbone's resize (TorchCodec)
 # fine_tune_top: images/s through the top TOP_STAGES stages of Lite0 at 224 px (cached
-# activations). CPU: 475 training measured on bloodcells (2 threads), less a margin; predicting is
-# a forward only, about three times as fast. GPU: not yet measured (no session had one; the
+# activations). CPU: 256 training, measured inside a default job on bloodcells (2 cores, idle: its
+# 5 folds and refit took 176 s; the bare loop reaches 340-390); predicting is a forward only,
+# about three times as fast. GPU: not yet measured (no session had one; the
 # 7x7 activations cross the host link each batch), set well below the whole-network rate's 10x.
-TOP_TRAIN_IMAGES_PER_S = {"cpu": 400.0, "cuda": 8000.0}
+TOP_TRAIN_IMAGES_PER_S = {"cpu": 256.0, "cuda": 8000.0}
 TOP_INFER_IMAGES_PER_S = {"cpu": 1500.0, "cuda": 20000.0}
 TOP_STAGES = 2
+# When the top's k folds do not fit the budget, it is cross-validated over this many (the heads
+# keep their k): 3 folds and a refit train 3 epochs' worth of images per epoch instead of k's k.
+TOP_MIN_FOLDS = 3
 # Short fine-tunes lose to the probe: on hymenoptera at 224 px (CPU), 5 epochs of fine_tune gave
 # 0.922 and of partial (3 stages) 0.935 val accuracy, against 0.954 for the linear probe.
 MIN_FINE_TUNE_EPOCHS = 8
@@ -300,17 +304,21 @@ class _Search:
         folds = selection.stratified_folds(y, k, config.seed)
         heads = head_candidates(config, cross_validated=True)
         seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads, k)
-        top = plan_top(config, len(y), k, self.device_type, seconds_left) if heads else None
+        top, top_k = None, k
+        for top_k in dict.fromkeys((k, min(k, TOP_MIN_FOLDS))) if heads else ():
+            if (top := plan_top(config, len(y), top_k, self.device_type, seconds_left)) is not None:
+                break
         primary = self.primary
         if top is not None:
-            seconds_left -= top_seconds(top, len(y), k, self.device_type)
+            seconds_left -= top_seconds(top, len(y), top_k, self.device_type)
             primary.acts = self._activations(top.unfreeze_stages)
             primary.x, primary.x_mirror = primary.acts.pooled(self.features)  # the heads' features, same pass
         elif heads:
             self._features(primary)
         scored = self._cv_heads(heads, primary, y, folds) if heads else []
         if top is not None:
-            scored.append(self._cv_top(top, primary.acts, y, folds))
+            top_folds = folds if top_k == k else selection.stratified_folds(y, top_k, config.seed)
+            scored.append(self._cv_top(top, primary.acts, y, top_folds))
         for name, other_heads, seconds_left in self._other_backbones(heads, seconds_left, k):
             if (other := self._frozen_at(name)) is not None:
                 self._features(other)
@@ -323,6 +331,8 @@ class _Search:
             raise _no_recipe()
         cv_best = scored[selection.select([s.logits for s in scored], y)] if scored else None
         best, selected_on = cv_best, f"{k}-fold stratified cross-validation over all {len(y)} labeled images"
+        if top is not None and top_k != k:
+            selected_on += f" ({top_k} folds for fine_tune_top, which {k} did not fit in the budget)"
         if holdout:  # the best cross-validated candidate against the fine-tunes, on the val images
             rows, target = self.val_rows, data.val_y.cpu()
             pool = [dataclasses.replace(cv_best, logits=cv_best.logits[rows], rows=rows)] if cv_best else []
@@ -349,7 +359,7 @@ class _Search:
         decoding, the features and the heads' fits still fit in the budget."""
         if self.config.backbone is not None or self.data.at_backbone is None or not heads:
             return
-        for name in AUTO_BACKBONES:
+        for name in auto_candidates():  # the Lites, then the operator's backbones registered for auto
             if name == self.primary.name:
                 continue
             other_heads = head_candidates(self.config, cross_validated=folds > 1, backbone=name)
@@ -448,7 +458,8 @@ class _Search:
         from workers.training.top import fit_top, top_logits
         spec = get_backbone(c.backbone)
         n, k = len(y), int(folds.max()) + 1
-        recipe = hashlib.sha256(f"{c.model_dump_json()}:{folds.tolist()}".encode()).hexdigest()
+        # the labels too: a relabeled image leaves the pixels' key (and maybe the folds) as they were
+        recipe = hashlib.sha256(f"{c.model_dump_json()}:{folds.tolist()}:{y.tolist()}".encode()).hexdigest()
         key = self._reuse_key(self.primary, f"out-of-fold:{recipe}")
         if key and (entry := REUSED_FEATURES.get(key)) is not None:
             return self._finished([Scored(c, entry["logits"], torch.arange(n), 0.0, "out of fold")],
@@ -503,13 +514,31 @@ class _Search:
         self.control.progress({"phase": "auto refit", "backbone": c.backbone, "images": len(y), "candidate": _describe(c)})
         side = self.frozen[c.backbone]
         if c.strategy == "fine_tune_top":
-            from workers.training.top import fit_top
-            return fit_top(c, side.features, get_backbone(c.backbone), side.acts, torch.arange(len(y)), y,
-                           len(self.data.classes), _Quiet(self.control), self.device).to("cpu").float()
+            return self._refit_top(c, side, y)
         train_x, train_y = logistic.training_set(side.x, y, side.x_mirror if c.augmentation == "light" else None)
         fit = logistic.fit_logistic(train_x, train_y, len(self.data.classes), c.logistic_c,
                                     balanced=c.class_weighting == "balanced")
         return logistic_classifier(side.features, side.feature_dim, fit, c)
+
+    def _refit_top(self, c: TrainConfig, side: _Frozen, y: torch.Tensor) -> Classifier:
+        """fine_tune_top trained on every labeled image: deterministic in the recipe, the labels and
+        the activations, so a repeat job takes the weights an earlier one trained (bit-identical)."""
+        from workers.training.top import fit_top, top_classifier
+        spec, n_classes = get_backbone(c.backbone), len(self.data.classes)
+        recipe = hashlib.sha256(f"{c.model_dump_json()}:{y.tolist()}".encode()).hexdigest()
+        key = self._reuse_key(side, f"refit:{recipe}")
+        if key and (entry := REUSED_FEATURES.get(key)) is not None:
+            classifier = top_classifier(c, side.features, spec, n_classes).to("cpu").float()
+            classifier.load_state_dict(entry)
+            classifier.tta_flip = bool(c.tta_flip)
+            for p in classifier.parameters():
+                p.requires_grad_(False)
+            return classifier.eval()
+        classifier = fit_top(c, side.features, spec, side.acts, torch.arange(len(y)), y, n_classes,
+                             _Quiet(self.control), self.device).to("cpu").float()
+        if key:
+            REUSED_FEATURES.put(key, {name: t.clone() for name, t in classifier.state_dict().items()})
+        return classifier
 
     # -- the user's own split: choose on val, train on train (or train + val with refit) -------------
 

@@ -261,8 +261,7 @@ def train_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts
     idx, y = idx.cpu(), y.cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the head's initialisation, dropout and MixUp coefficients
-        classifier = Classifier(copy.deepcopy(features), spec.feature_dim, num_classes, head=config.head or "linear",
-                                hidden_dim=config.hidden_dim, dropout=config.dropout or 0.0)
+        classifier = top_classifier(config, features, spec, num_classes)
         if init_head is not None:  # training on from a base model: its head rows (workers/base_model.py)
             init_head(classifier)
         classifier.tta_flip = bool(config.tta_flip)
@@ -272,6 +271,12 @@ def train_top(config: TrainConfig, features: nn.Module, spec: BackboneSpec, acts
     for p in classifier.parameters():
         p.requires_grad_(False)
     return classifier.eval(), history, seen
+
+
+def top_classifier(config: TrainConfig, features: nn.Module, spec: BackboneSpec, num_classes: int) -> Classifier:
+    """The network fine_tune_top trains: a deep copy of `features` under the recipe's head."""
+    return Classifier(copy.deepcopy(features), spec.feature_dim, num_classes, head=config.head or "linear",
+                      hidden_dim=config.hidden_dim, dropout=config.dropout or 0.0)
 
 
 def _train_loop(config, classifier, spec, acts, trained, idx, y, num_classes, control, device, val_idx, val_y,

@@ -304,8 +304,8 @@ class Worker:
             spec = get_backbone(config.backbone or DEFAULT_BACKBONE)
         except (ValidationError, UnknownBackbone) as exc:
             why = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-            raise JobError("invalid_config", f"this worker cannot run the job: {why}; register the "
-                           "backbone on every worker (`graft backbones add`) or choose one from GET /v1/backbones") from None
+            raise JobError("invalid_config", f"this worker cannot run the job: {why}; register the backbone on "
+                           "every worker (`graft backbones add`) or choose one from GET /v1/backbones") from None
         base = None
         try:
             base = self._base_start(claim, config) if config.base_model_id else None

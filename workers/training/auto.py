@@ -31,10 +31,11 @@ candidates that contradict them are skipped):
    it is not tried: the explicit strategy is there for that.)
 3. When the job names no backbone: the same logistic heads on the frozen features of the other
    EfficientNet-Lites and the operator's backbones registered for auto (`auto_candidates()`; the
-   images decoded again at each one's own resize and crop through `PreparedData.at_backbone`), under the same folds or on the same val split, while
-   the cost model says their decoding, features and fits fit in what the budget has left. On
-   hymenoptera Lite1/Lite2 features beat Lite0's by 1-2 points; on bloodcells (microscopy) the top
-   fine-tune of Lite0 wins by far and leaves no budget for them (docs/benchmarks.md).
+   images decoded again at each one's own resize and crop through `PreparedData.at_backbone`),
+   under the same folds or on the same val split, while the cost model says their decoding,
+   features and fits fit in what the budget has left. On hymenoptera Lite1/Lite2 features beat
+   Lite0's by 1-2 points; on bloodcells (microscopy) the top fine-tune of Lite0 wins by far and
+   leaves no budget for them (docs/benchmarks.md).
 4. Fine-tuning the whole network or its last stages (GPU: three recipes; CPU: one, small data
    only) when the budget has room (`plan_fine_tuning`). These cost too much to train k + 1 times,
    so they are scored as before on the val split only, against the best cross-validated
@@ -106,7 +107,7 @@ TOP_TRAIN_IMAGES_PER_S = {"cpu": 256.0, "cuda": 8000.0}
 TOP_INFER_IMAGES_PER_S = {"cpu": 1500.0, "cuda": 20000.0}
 TOP_STAGES = 2
 # When the top's k folds do not fit the budget, it is cross-validated over this many (the heads
-# keep their k): 3 folds and a refit train 3 epochs' worth of images per epoch instead of k's k.
+# keep their k): f folds and the refit train on f times the images per epoch, so 3 cost 3/5 of 5.
 TOP_MIN_FOLDS = 3
 # Short fine-tunes lose to the probe: on hymenoptera at 224 px (CPU), 5 epochs of fine_tune gave
 # 0.922 and of partial (3 stages) 0.935 val accuracy, against 0.954 for the linear probe.
@@ -241,6 +242,13 @@ def plan_top(config: TrainConfig, images: int, folds: int, device_type: str, sec
     if c is None or top_seconds(c, images, folds, device_type) > seconds_left:
         return None
     return c
+
+
+def _recipe_hash(c: TrainConfig, y: torch.Tensor, folds: torch.Tensor | None = None) -> str:
+    """What a trained result depends on besides the pixels and weights (`_Search._reuse_key`): the
+    recipe, the labels (a relabeled image keeps the pixels' key, and maybe the folds) and the folds."""
+    folds_part = "" if folds is None else folds.tolist()
+    return hashlib.sha256(f"{c.model_dump_json()}:{folds_part}:{y.tolist()}".encode()).hexdigest()
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -458,9 +466,7 @@ class _Search:
         from workers.training.top import fit_top, top_logits
         spec = get_backbone(c.backbone)
         n, k = len(y), int(folds.max()) + 1
-        # the labels too: a relabeled image leaves the pixels' key (and maybe the folds) as they were
-        recipe = hashlib.sha256(f"{c.model_dump_json()}:{folds.tolist()}:{y.tolist()}".encode()).hexdigest()
-        key = self._reuse_key(self.primary, f"out-of-fold:{recipe}")
+        key = self._reuse_key(self.primary, f"out-of-fold:{_recipe_hash(c, y, folds)}")
         if key and (entry := REUSED_FEATURES.get(key)) is not None:
             return self._finished([Scored(c, entry["logits"], torch.arange(n), 0.0, "out of fold")],
                                   phase="auto search: fine_tune_top", unit="folds", done=k, total=k,
@@ -525,8 +531,7 @@ class _Search:
         the activations, so a repeat job takes the weights an earlier one trained (bit-identical)."""
         from workers.training.top import fit_top, top_classifier
         spec, n_classes = get_backbone(c.backbone), len(self.data.classes)
-        recipe = hashlib.sha256(f"{c.model_dump_json()}:{y.tolist()}".encode()).hexdigest()
-        key = self._reuse_key(side, f"refit:{recipe}")
+        key = self._reuse_key(side, f"refit:{_recipe_hash(c, y)}")
         if key and (entry := REUSED_FEATURES.get(key)) is not None:
             classifier = top_classifier(c, side.features, spec, n_classes).to("cpu").float()
             classifier.load_state_dict(entry)

@@ -25,6 +25,8 @@ from service.api.routes import export as export_router
 from service.api.routes import batch_predictions
 from service.api.routes import insights as insights_router
 from service.serving.insights import Insights
+from service.api.routes import suggestions as suggestions_router
+from service.serving.suggestions import Suggestions
 from service.api.routes.dashboard import install_dashboard
 from service.settings import Settings, get_settings
 from service.webhooks.dispatcher import Dispatcher
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.state.exporter = Exporter(settings)
     app.state.insights = Insights(settings)  # held-out predictions and plots (issue 19)
+    app.state.suggestions = Suggestions()  # active learning: features of unlabeled images (issue 16)
     install_observability(app)  # after BodySizeLimit: outermost, so even a 413 carries a request id
     app.include_router(export_router.router)
     install_dashboard(app)
@@ -67,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(webhooks_router.router)
     app.include_router(insights_router.router)
+    app.include_router(suggestions_router.router)
     logging.getLogger("graft").setLevel(logging.INFO)
     return app
 

@@ -88,9 +88,18 @@ class Prediction(TypedDict):
     score: float
 
 
+class OodScore(TypedDict):
+    kind: str
+    score: float
+    threshold: float
+
+
 class PredictResult(TypedDict):
     filename: str
     predictions: list[Prediction]
+    label: NotRequired[str | None]  # the top class; None when unknown (issue 17)
+    unknown: NotRequired[bool]  # none of the model's classes
+    ood: NotRequired[OodScore | None]  # None for models without a stored score
 
 
 class PredictResponse(TypedDict):
@@ -360,18 +369,34 @@ class GraftClient:
     def get_model(self, model_id: str) -> Model:
         return self._json("GET", f"/v1/models/{model_id}")
 
-    def predict(self, model_id: str, images: list[str | Path], top_k: int = 5) -> PredictResponse:
-        """Predict one or more image files (a job id works once its model is ready)."""
-        return self._predict(f"/v1/models/{model_id}/predict", images, top_k)
+    # -- labeling (issue 16) ------------------------------------------------------------------
+    def suggestions(self, model_id: str, dataset_id: str | None = None, k: int = 20,
+                    strategy: str = "margin") -> dict:
+        """The dataset's unlabeled images the model would most like labeled, with its pre-labels."""
+        params = {"k": k, "strategy": strategy, **({"dataset_id": dataset_id} if dataset_id else {})}
+        return self._json("GET", f"/v1/models/{model_id}/suggestions", params=params)
+
+    def label_images(self, dataset_id: str, labels: dict[str, str | None], create_class: bool = False) -> Dataset:
+        """Label images by id (None: unlabeled); the answer is the dataset changed (maybe a new version)."""
+        body = {"images": [{"id": i, "label": label} for i, label in labels.items()], "create_class": create_class}
+        return self._json("PATCH", f"/v1/datasets/{dataset_id}/images", json=body)
+
+    def predict(self, model_id: str, images: list[str | Path], top_k: int = 5,
+                min_score: float | None = None) -> PredictResponse:
+        """Predict one or more image files (a job id works once its model is ready); `min_score`:
+        unknown below this out-of-distribution score instead of the model's own threshold."""
+        return self._predict(f"/v1/models/{model_id}/predict", images, top_k, min_score)
 
     def predict_alias(self, alias: str, images: list[str | Path], top_k: int = 5) -> PredictResponse:
         """Predict with the model the alias points at; the answer's model_id names it."""
         return self._predict(f"/v1/aliases/{_segment(alias)}/predict", images, top_k)
 
-    def _predict(self, path: str, images: list[str | Path], top_k: int) -> PredictResponse:
+    def _predict(self, path: str, images: list[str | Path], top_k: int,
+                 min_score: float | None = None) -> PredictResponse:
         paths = [Path(p) for p in images]
         files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
-        return self._json("POST", path, params={"top_k": top_k}, files=files)
+        params = {"top_k": top_k, **({"min_score": min_score} if min_score is not None else {})}
+        return self._json("POST", path, params=params, files=files)
 
     # -- aliases ----------------------------------------------------------------------------
     def promote(self, model_id: str, alias: str) -> Alias:

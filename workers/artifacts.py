@@ -42,6 +42,15 @@ def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.
     return torch.softmax(logits / temperature, dim=1)
 
 
+def multi_label_probabilities(logits: torch.Tensor, scale: list[float] | None, bias: list[float] | None) -> torch.Tensor:
+    """Issue 17: each label's calibrated probability, sigmoid(logit * scale + bias) (Platt scaling per
+    label; None: uncalibrated). The constants become part of an exported graph."""
+    if scale is not None and bias is not None and len(scale) == logits.shape[-1]:
+        logits = logits * torch.tensor(scale, dtype=logits.dtype, device=logits.device) \
+            + torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return torch.sigmoid(logits)
+
+
 class Classifier(nn.Module):
     """A pretrained feature extractor with a new classification head grafted on.
 
@@ -68,6 +77,13 @@ class Classifier(nn.Module):
             raise ValueError(f"head must be 'linear' or 'mlp', not {head!r}")
         self.temperature = 1.0
         self.tta_flip = False
+        self.ood = None  # issue 17: an OutOfDistribution (workers/ood.py) once fitted; None: never unknown
+        # Issue 17, multi-label: a sigmoid per label, calibrated per label (Platt: sigmoid(logit *
+        # label_scale + label_bias)); a label is predicted at or over its threshold (on that score).
+        self.multi_label = False
+        self.label_scale: list[float] | None = None
+        self.label_bias: list[float] | None = None
+        self.thresholds: list[float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_logits(self.features(x))
@@ -85,12 +101,18 @@ class Classifier(nn.Module):
 
     def serving_config(self) -> dict:
         return {"head": self.head_kind, "hidden_dim": self.hidden_dim, "dropout": self.dropout_p,
-                "temperature": float(self.temperature), "tta_flip": bool(self.tta_flip)}
+                "temperature": float(self.temperature), "tta_flip": bool(self.tta_flip),
+                **({"ood": self.ood.config()} if self.ood is not None else {}),
+                **({"multi_label": True, "label_scale": list(self.label_scale or []),
+                    "label_bias": list(self.label_bias or []), "thresholds": list(self.thresholds or [])}
+                   if self.multi_label else {})}
 
     def serve(self, logits: torch.Tensor, mirrored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The serving arithmetic, in one place for training's evaluation, /predict and exports:
-        (logits mirror-averaged when tta_flip, calibrated probabilities)."""
+        (logits mirror-averaged when tta_flip, calibrated probabilities; multi-label: per label)."""
         logits = mirror_averaged(logits, mirrored if self.tta_flip else None)
+        if self.multi_label:
+            return logits, multi_label_probabilities(logits, self.label_scale, self.label_bias)
         return logits, calibrated_probabilities(logits, self.temperature)
 
     @torch.inference_mode()
@@ -257,6 +279,17 @@ def load_artifact(artifact_dir: Path, expected_sha256: str, *, allow_downloads: 
                             head=serving.get("head", "linear"), hidden_dim=serving.get("hidden_dim"),
                             dropout=serving.get("dropout", 0.0))
     state = load_file(str(weights))
+    if serving.get("multi_label"):  # issue 17: sigmoid per label, calibrated per label, thresholds
+        classifier.multi_label = True
+        classifier.label_scale = [float(v) for v in serving.get("label_scale") or []] or None
+        classifier.label_bias = [float(v) for v in serving.get("label_bias") or []] or None
+        classifier.thresholds = [float(v) for v in serving.get("thresholds") or []] or None
+    if serving.get("ood"):  # its tensors are in the weights file (sha256-verified above)
+        from workers.ood import OutOfDistribution
+        try:
+            classifier.ood = OutOfDistribution.from_manifest(serving["ood"], manifest["classes"], state)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ArtifactCorrupt(f"{artifact_dir}: unreadable out-of-distribution score: {exc}") from None
     if shared is None:
         classifier.load_state_dict(state, strict=True)
         classifier.eval().to(memory_format=torch.channels_last)

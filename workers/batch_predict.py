@@ -190,7 +190,9 @@ class ResultFiles:
         lines = []
         for (name, sha), result in zip(batch, results):
             preds = result["predictions"]
-            lines.append(json.dumps({"image": name, "sha256": sha, "predictions": preds}) + "\n")
+            # Issue 17: label (None when unknown) and unknown, as /predict answers them.
+            lines.append(json.dumps({"image": name, "sha256": sha, "label": result.get("label"),
+                                     "unknown": result.get("unknown", False), "predictions": preds}) + "\n")
             self._write_csv_row([name, sha, *(v for p in preds for v in (p["label"], p["score"]))])
         self.files["jsonl"].write("".join(lines).encode())
         for f in self.files.values():

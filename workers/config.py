@@ -25,6 +25,7 @@ Schedule = Literal["cosine", "one_cycle", "constant"]
 Monitor = Literal["val_accuracy", "val_loss"]
 ClassWeighting = Literal["none", "balanced"]
 Sampler = Literal["shuffle", "balanced"]
+Unlabeled = Literal["ignore", "pseudo_label"]
 
 # Per-strategy defaults: a linear probe fits a head on cached features (cheap epochs, higher
 # rate); fine-tuning moves pretrained weights, so fewer epochs at a gentler rate, and the
@@ -96,6 +97,11 @@ class TrainConfig(BaseModel):
         "no epochs or learning rate)"))
     logistic_c: float | None = Field(None, gt=0, le=1e6, description=(
         "solver lbfgs: inverse L2 strength (scikit-learn's C); larger regularizes less. Default 1"))
+    unlabeled: Unlabeled | None = Field(None, description=(
+        "the dataset's unlabeled images (issue 16), strategy auto only: ignore; pseudo_label: self-training "
+        "on the frozen features (the model labels them, the confident ones, class-balanced, train with a weight, "
+        "for a few rounds; never validated on); default: auto tries pseudo_label as one more candidate and "
+        "keeps it when cross-validation says it helps"))
     refit: bool | None = Field(None, description=(
         "auto, when the dataset has a val split you gave: false (default) trains the chosen recipe on train "
         "only, so val stays a held-out score; true trains it on train + val after choosing. Without a val "
@@ -120,6 +126,9 @@ class TrainConfig(BaseModel):
     class_weighting: ClassWeighting = Field("none", description="balanced: loss weights inversely "
                                             "proportional to class frequency")
     sampler: Sampler = Field("shuffle", description="balanced: draw each class equally often")
+    target_precision: float | None = Field(None, gt=0, le=1, description=(
+        "multi-label datasets: each label's threshold is the lowest whose held-out precision reaches this "
+        "(the most recall at that precision); default: the threshold of best held-out F1"))
     image_size: int | None = Field(None, ge=32, le=640, description="crop side in pixels; default: the backbone's")
     val_fraction: float = Field(0.2, ge=0.05, le=0.5, description="held out, stratified, when the dataset has no val split")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -157,6 +166,9 @@ def _check_combinations(c: TrainConfig) -> None:
     s = c.strategy
     if c.backbone is not None and c.image_size is not None:
         BACKBONES[c.backbone].check_input_size(c.image_size)  # a ViT's position embeddings have one size
+    if c.unlabeled == "pseudo_label" and s != "auto":
+        raise ValueError(f"unlabeled 'pseudo_label' applies to strategy 'auto' only, not {s!r}: it self-trains "
+                         "auto's logistic heads on the frozen features")
     if c.time_budget_s is not None and s != "auto":
         raise ValueError(f"time_budget_s applies to strategy 'auto' only, not {s!r}")
     if c.unfreeze_stages is not None and s not in ("partial", "gradual", "fine_tune_top", "auto"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -52,6 +52,7 @@ class LabeledImage:
     sha256: str
     label: str
     split: str | None  # "train", "val", "test", or None: Graft splits it
+    labels: tuple[str, ...] | None = None  # a multi-label dataset's image: its labels, maybe none (issue 17)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class DatasetImages:
     """A dataset version as training reads it (the catalog builds it from its rows)."""
     classes: list[str]
     images: list[LabeledImage]  # in upload order: the decoded cache's key depends on it
+    unlabeled: list[str] = field(default_factory=list)  # sha256s of the images without a label (issue 16)
+    multi_label: bool = False  # each image has any of the classes (LabeledImage.labels; issue 17)
 
 
 def decoded_batches(read: Callable[[str], bytes], image_shas: list[str], pre: Preprocessing, batch: int,
@@ -111,7 +114,9 @@ def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: T
     tensor. The images are decoded once, a batch at a time, straight into it."""
     rows, classes = dataset.images, list(dataset.classes)
     index = {c: i for i, c in enumerate(classes)}
-    labels = [index[r.label] for r in rows]
+    targets = multi_hot(rows, index) if dataset.multi_label else None  # issue 17: [N, classes] of 0/1
+    # What the split stratifies by: the class, or a multi-label image's rarest label.
+    labels = rarest_labels(targets) if targets is not None else [index[r.label] for r in rows]
     val_given = any(r.split == "val" for r in rows)
     splits = _assign_splits(rows, labels, val_given, config)
     if "val" not in splits:
@@ -122,16 +127,49 @@ def prepare_data(dataset: DatasetImages, read: Callable[[str], bytes], config: T
     images = _decoded(read, shas, pre, order, key, control, cache)
     control.stop_if_asked()
     n_train, n_val, n_test = (splits.count(split) for split in _SPLITS)
-    y = torch.tensor([labels[i] for i in order.tolist()], dtype=torch.long)
+    y = (targets[torch.from_numpy(order)] if targets is not None
+         else torch.tensor([labels[i] for i in order.tolist()], dtype=torch.long))
     train_x, train_y = images[:n_train], y[:n_train]
     val_x, val_y = images[n_train:n_train + n_val], y[n_train:n_train + n_val]
     test_x, test_y = (images[n_train + n_val:], y[n_train + n_val:]) if n_test else (None, None)
     # The pixels (the decoded cache's key: owner, decoder, preprocessing, ordered sha256s) and the split.
     source_key = hashlib.sha256(f"{key}:{','.join(splits)}".encode()).hexdigest()
     ids = {split: [sha for sha, s in zip(shas, splits) if s == split] for split in _SPLITS}
+    unlabeled_x, unlabeled_ids = _unlabeled(dataset, read, config, pre, control, cache, owner)
     return PreparedData(classes, pre, train_x, train_y, val_x, val_y, source_key, val_given=val_given,
                         test_x=test_x, test_y=test_y, train_ids=ids["train"], val_ids=ids["val"],
-                        test_ids=ids["test"] if test_x is not None else None)
+                        test_ids=ids["test"] if test_x is not None else None,
+                        unlabeled_x=unlabeled_x, unlabeled_ids=unlabeled_ids, multi_label=targets is not None)
+
+
+def multi_hot(rows: list[LabeledImage], index: dict[str, int]) -> torch.Tensor:
+    """float32 [N, classes]: 1 where the image has the label (issue 17)."""
+    y = torch.zeros(len(rows), len(index), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        for label in r.labels or ():
+            y[i, index[label]] = 1.0
+    return y
+
+
+def rarest_labels(y: torch.Tensor) -> list[int]:
+    """Each image's rarest label (classes: it has none): stratifying by it spreads every label,
+    the rare ones first, over train and val (and over folds)."""
+    counts = y.sum(0)
+    rank = torch.where(y > 0, counts[None, :], torch.full_like(y, float("inf")))
+    rarest = rank.argmin(1)
+    return torch.where(y.sum(1) > 0, rarest, torch.full_like(rarest, y.shape[1])).tolist()
+
+
+def _unlabeled(dataset: DatasetImages, read, config: TrainConfig, pre: Preprocessing, control: Control,
+               cache: DecodedCache | None, owner: str) -> tuple[torch.Tensor | None, list[str] | None]:
+    """The unlabeled images decoded (issue 16), when the job may learn from them: strategy auto and
+    `unlabeled` not "ignore". They are a block of their own, apart from every split."""
+    if (not dataset.unlabeled or config.unlabeled == "ignore" or config.strategy != "auto"
+            or getattr(dataset, "multi_label", False)):  # multi-label: no self-training (yet)
+        return None, None
+    shas = list(dataset.unlabeled)
+    key = DecodedCache.key(shas, pre, owner)
+    return _decoded(read, shas, pre, np.arange(len(shas), dtype=np.int64), key, control, cache), shas
 
 
 _SPLITS = ("train", "val", "test")

@@ -56,7 +56,8 @@ def evaluation_files(result: TrainResult, data: PreparedData) -> dict[str, bytes
     """The two files for a finished model ({} when the data carries no image ids or the recipe no
     held-out logits: data made outside the worker)."""
     held: HeldOut | None = result.held_out
-    if held is None or data.train_ids is None or data.val_ids is None:
+    # Multi-label models (issue 17) keep their held-out scores in metrics (per label) but no per-image file yet.
+    if held is None or data.train_ids is None or data.val_ids is None or getattr(data, "multi_label", False):
         return {}
     pooled_ids = data.train_ids + data.val_ids
     pooled_splits = ["train"] * len(data.train_ids) + ["val"] * len(data.val_ids)

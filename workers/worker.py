@@ -52,7 +52,8 @@ def load_training_data(db: Database, blobs: BlobStore, dataset_id: str, config: 
         dataset = images_for_training(s, dataset_id)
     if dataset is None:
         raise JobError("dataset_missing", f"dataset {dataset_id} no longer exists")
-    read = blobs.reader([image.sha256 for image in dataset.images])  # an object store: prefetched in parallel
+    pool = list(dataset.unlabeled) if config.strategy == "auto" and config.unlabeled != "ignore" else []  # issue 16
+    read = blobs.reader([image.sha256 for image in dataset.images] + pool)  # an object store: prefetched in parallel
     return prepare_data(dataset, read, config, pre, control, cache, owner=project_id)
 
 
@@ -331,7 +332,8 @@ class Worker:
         if base is not None:
             metrics["base_model"] = self._compare_with_base(base, data, result, extra, head, control)
         manifest = {"model_id": model_id, "job_id": claim.job_id, "dataset_id": claim.dataset_id,
-                    "backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict(),
+                    "backbone": spec.name, "classes": data.classes, "task": "multi_label" if data.multi_label else "single_label",
+                    "preprocessing": pre.to_dict(),
                     "recipe": result.recipe, "metrics": metrics, "created_at": utcnow().isoformat()}
         path, digest, size = write_artifact(self.settings.models_dir, model_id, result.classifier, manifest, extra)
         model = ModelRecord(id=model_id, backbone=spec.name, classes=data.classes, metrics=metrics,

@@ -41,7 +41,7 @@ class BackboneOut(Out):
 class ImageRef(BaseModel):
     id: str = Field(description="the image's id in the dataset: the sha256 of its bytes")
     path: str = Field(description="the name it was uploaded under (cleaned; metadata only)")
-    label: str
+    label: str | None = Field(description="null: an unlabeled image")
     split: str | None
 
 
@@ -106,7 +106,22 @@ class DatasetReport(BaseModel):
     leakage_count: int
     near_duplicates: list[NearDuplicatePair] = Field(description="other near-duplicate pairs (first 100)")
     near_duplicate_count: int
+    num_labeled: int | None = Field(None, description="images with a label (num_images counts the unlabeled too)")
+    unlabeled_count: int = Field(0, description="images without a label: in no class, never validated on")
+    unlabeled_near_duplicates: list[NearDuplicatePair] = Field(default_factory=list, description=(
+        "an unlabeled image (b) near-identical to a labeled one (a) (first 100)"))
+    unlabeled_near_duplicate_count: int = 0
     image_stats: ImageStats
+    # Issue 17: multi-label datasets (several labels per image); the fields below are theirs.
+    task: Literal["single_label", "multi_label"] = Field("single_label", description=(
+        "multi_label: each image has any number of the labels (a labels.csv `labels` column); class_counts "
+        "and split_counts then count each label's images"))
+    labels_per_image: dict[str, int] | None = Field(None, description="multi_label: images by how many labels "
+                                                                      "they have ('0': none of them)")
+    images_without_labels: dict[str, int] | None = Field(None, description=(
+        "multi_label: images with none of the labels (allowed: negatives for every label), in total and by split"))
+    label_cooccurrence: dict | None = Field(None, description=(
+        "multi_label: {labels, matrix}: matrix[i][j] images having both labels i and j (the diagonal: each label)"))
 
 
 class DatasetOut(Out):
@@ -125,17 +140,74 @@ class DatasetOut(Out):
     has_val_split: bool
     rejected: list[Rejection]
     report: DatasetReport | None = None
+    task: Literal["single_label", "multi_label"] = Field("single_label", description=(
+        "multi_label: several labels per image (issue 17); models trained on it answer every label over its "
+        "threshold"))
 
 
 class DatasetImageOut(BaseModel):
     id: str = Field(description="the sha256 of the image's bytes; use it to remove the image")
-    label: str
+    label: str | None = Field(description="null: unlabeled (label it with PATCH .../images/{id})")
     split: str | None
     original_name: str
     width: int
     height: int
     mode: str | None
     format: str | None
+    labels: list[str] | None = Field(None, description="multi-label datasets: the image's labels ([]: none of "
+                                                       "them; `label` then shows them joined by '; ')")
+
+
+class ImageLabel(BaseModel):
+    """A label for one image (issue 16)."""
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(max_length=1000, description="a class of the dataset; null makes the image unlabeled")
+    create_class: bool = Field(False, description="true: a label that is no class yet becomes a new class")
+
+
+class ImageLabelChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=200, description="the image's id (sha256)")
+    label: str | None = Field(max_length=1000, description="a class of the dataset; null: unlabeled")
+
+
+class ImageLabels(BaseModel):
+    """Labels for several images at once: one change, one new version at most (issue 16)."""
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[ImageLabelChange] = Field(min_length=1, max_length=1000)
+    create_class: bool = Field(False, description="true: labels that are no class yet become new classes")
+
+
+class SuggestedLabel(BaseModel):
+    label: str
+    score: float
+
+
+class Suggestion(BaseModel):
+    rank: int
+    image_id: str
+    original_name: str
+    thumbnail: str = Field(description="the image's thumbnail URL")
+    predicted_label: str = Field(description="the model's guess: the pre-label")
+    score: float = Field(description="its calibrated probability")
+    margin: float = Field(description="top probability minus the second (multi-label: the smallest |2p - 1|)")
+    entropy: float
+    predictions: list[SuggestedLabel] = Field(description="the model's top classes")
+
+
+class SuggestionsOut(BaseModel):
+    """Which unlabeled images to label next (issue 16)."""
+    model_id: str
+    dataset_id: str
+    dataset_version: int
+    strategy: Literal["margin", "entropy", "diverse"]
+    unlabeled_images: int = Field(description="the dataset's unlabeled images")
+    scored_images: int = Field(description="those the model scored (a stored image that no longer decodes is not)")
+    seconds: float
+    suggestions: list[Suggestion]
 
 
 class JobCreate(TrainConfig):
@@ -228,9 +300,27 @@ class Prediction(BaseModel):
     score: float
 
 
+class OodScore(BaseModel):
+    kind: str = Field(description="the model's out-of-distribution score: cosine (to its classes' mean features), "
+                      "energy or max_probability; higher means more like its training images")
+    score: float
+    threshold: float = Field(description="below it the image is unknown: the model's own (95% of its held-out "
+                             "images pass) or the request's min_score")
+
+
 class PredictResult(BaseModel):
     filename: str
+    label: str | None = Field(None, description="the top class; null when unknown")
+    unknown: bool = Field(False, description="none of the model's classes: its out-of-distribution score is below "
+                          "the threshold, or its top class is the negative class `_negative`")
+    ood: OodScore | None = Field(None, description="null for models without a stored score (made before it)")
     predictions: list[Prediction]
+    # Issue 17: multi-label models.
+    labels: list[str] | None = Field(None, description=(
+        "multi-label models: every label whose score is at or over its threshold (the model's "
+        "metrics.thresholds), highest score first; [] when none is. predictions then holds the top_k scores"))
+    scores: dict[str, float] | None = Field(None, description="multi-label models: every label's score "
+                                                               "(calibrated sigmoid probability)")
 
 
 class PredictResponse(BaseModel):

@@ -145,6 +145,10 @@ def _show_dataset(d: dict, max_rejected: int = 20) -> None:
     table.add_row("[bold]all[/]", *(str(sum(d["split_counts"][s].values())) for s in splits),
                   f"[bold]{d['num_images']}[/]")
     out.print(table)
+    if d.get("task") == "multi_label":  # issue 17: the rows count each label's images
+        none = ((d.get("report") or {}).get("images_without_labels") or {}).get("total", 0)
+        out.print(f"multi-label: several labels per image (counts per label; 'all' counts label uses); "
+                  f"{none} image(s) have none of them")
     split = "kept from the train/ and val/ folders" if d["has_val_split"] else "held out per job (val_fraction)"
     out.print(f"validation split: {split}")
     report = d.get("report") or {}
@@ -415,6 +419,8 @@ def _show_metrics(model: dict) -> None:
     # The id on a line of its own: a table's title wraps at the table's width, mid-id.
     out.print(f"model [bold]{model['id']}[/]  ({model['backbone']}, {model['recipe'].get('strategy')})",
               soft_wrap=True)
+    if m.get("task") == "multi_label":
+        return _show_multi_label_metrics(m)
     summary = Table("metric", "value", title="metrics")
     for key in ("val_accuracy", "balanced_accuracy", "macro_f1", "val_loss", "best_epoch", "num_train_images",
                 "num_val_images", "num_test_images", "train_seconds", "train_images_per_s", "device"):
@@ -437,6 +443,28 @@ def _show_metrics(model: dict) -> None:
         for i, (label, row) in enumerate(zip(cm["labels"], cm["matrix"])):
             matrix.add_row(label, *(f"[bold green]{v}[/]" if i == j else str(v) for j, v in enumerate(row)))
         out.print(matrix)
+
+
+def _show_multi_label_metrics(m: dict) -> None:
+    """A multi-label model's metrics (issue 17): mAP and the rest, then each label's AP and threshold."""
+    summary = Table("metric", "value", title="metrics (multi-label)")
+    for key in ("map_macro", "map_micro", "subset_accuracy", "hamming_loss", "micro_f1", "macro_f1", "val_loss",
+                "num_train_images", "num_val_images", "num_test_images", "train_seconds", "device"):
+        if m.get(key) is not None:
+            value = m[key]
+            summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for key in ("map_macro", "subset_accuracy", "hamming_loss"):
+        if (m.get("test") or {}).get(key) is not None:
+            summary.add_row(f"test_{key}", f"{m['test'][key]:.4f}")
+    tuning = m.get("threshold_tuning") or {}
+    if tuning:
+        summary.add_row("thresholds", f"{tuning.get('method')}, on {tuning.get('on')}")
+    out.print(summary)
+    per_label = Table("label", "AP", "threshold", "precision", "recall", "f1", "support", title="per label")
+    for label, c in (m.get("per_label") or {}).items():
+        per_label.add_row(label, f"{c['ap']:.3f}" if c.get("ap") is not None else "–", f"{c['threshold']:.3f}",
+                          f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(per_label)
 
 
 @jobs_app.command("list")
@@ -479,18 +507,29 @@ def predict(ctx: typer.Context,
             model_id: Annotated[str, typer.Argument(metavar="MODEL", help="a model id, or the id of a finished job")],
             images: Annotated[list[Path], typer.Argument(metavar="IMAGES...", exists=True, dir_okay=False)],
             top_k: Annotated[int, typer.Option(help="labels per image")] = 3,
+            min_score: Annotated[Optional[float], typer.Option(help=(
+                "answer unknown below this out-of-distribution score instead of the model's own threshold"))] = None,
             as_json: JsonOpt = False):
-    """Classify image files with a trained model."""
+    """Classify image files with a trained model; "unknown" when an image is none of its classes."""
     with _client(ctx) as client:
-        answer = client.predict(model_id, images, top_k=top_k)
+        answer = client.predict(model_id, images, top_k=top_k, min_score=min_score)
     if as_json:
         return _print_json(answer)
     out.print(f"model [bold]{answer['model_id']}[/]", soft_wrap=True)
     table = Table("file", "label", "score", "others")
     for r in answer["results"]:
         best, *rest = r["predictions"]
-        table.add_row(r["filename"], f"[bold]{best['label']}[/]", f"{best['score']:.4f}",
-                      ", ".join(f"{p['label']} {p['score']:.4f}" for p in rest))
+        if r.get("labels") is not None:  # a multi-label model (issue 17): every label over its threshold
+            others = ", ".join(f"{name} {s:.4f}" for name, s in r["scores"].items() if name not in r["labels"])
+            table.add_row(r["filename"], ", ".join(f"[bold]{name}[/]" for name in r["labels"]) or "(none)",
+                          ", ".join(f"{r['scores'][name]:.4f}" for name in r["labels"]), others)
+            continue
+        label = "[bold yellow]unknown[/]" if r.get("unknown") else f"[bold]{best['label']}[/]"
+        ood = r.get("ood")  # issue 17: none of the model's classes below the threshold
+        others = ", ".join(f"{p['label']} {p['score']:.4f}" for p in (r["predictions"] if r.get("unknown") else rest))
+        if ood:
+            others += f"{'; ' if others else ''}{ood['kind']} score {ood['score']:.3f} (threshold {ood['threshold']:.3f})"
+        table.add_row(r["filename"], label, "" if r.get("unknown") else f"{best['score']:.4f}", others)
     out.print(table)
 
 
@@ -612,3 +651,60 @@ def _status(status: str) -> str:
 def _when(iso: str) -> str:
     return iso.replace("T", " ")[:19]
 
+
+
+@app.command()
+def label(ctx: typer.Context,
+          model_id: Annotated[str, typer.Argument(metavar="MODEL", help="a model id, or the id of a finished job")],
+          dataset_id: Annotated[Optional[str], typer.Option("--dataset", help=(
+              "the dataset whose unlabeled images to label (default: the newest version of the model's)"))] = None,
+          k: Annotated[int, typer.Option("-k", help="how many suggestions")] = 20,
+          strategy: Annotated[str, typer.Option(help="margin, entropy or diverse")] = "margin",
+          accept: Annotated[bool, typer.Option("--accept", help="accept every pre-label without asking")] = False,
+          create_class: Annotated[bool, typer.Option("--create-class", help="a label that is no class yet "
+                                                     "becomes one")] = False,
+          train_again: Annotated[bool, typer.Option("--train", help="queue a default job on the labeled dataset")] = False,
+          as_json: JsonOpt = False):
+    """Label the images the model is least sure of (issue 16): each suggestion shows the model's guess;
+    press Enter to accept it, type another class, 's' to skip, 'q' to stop. One change is sent at the end."""
+    with _client(ctx) as client:
+        answer = client.suggestions(model_id, dataset_id, k=k, strategy=strategy)
+        if as_json and not accept:
+            return _print_json(answer)
+        rows = answer["suggestions"]
+        if not rows:
+            out.print(f"dataset {answer['dataset_id']} has no unlabeled images to suggest")
+            return
+        table = Table("#", "image", "pre-label", "score", "margin", "others", title=f"suggestions ({strategy})")
+        for r in rows:
+            table.add_row(str(r["rank"]), r["original_name"], r["predicted_label"], f"{r['score']:.3f}",
+                          f"{r['margin']:.3f}", ", ".join(f"{p['label']} {p['score']:.3f}" for p in r["predictions"][1:]))
+        if not as_json:
+            out.print(table)
+        labels = {r["image_id"]: r["predicted_label"] for r in rows} if accept else _ask_labels(rows)
+        if not labels:
+            out.print("nothing labeled")
+            return
+        dataset = client.label_images(answer["dataset_id"], labels, create_class=create_class)
+        job = client.create_job(dataset["id"]) if train_again else None
+    if as_json:
+        return _print_json({"dataset": dataset, "labeled": labels, "job": job})
+    out.print(f"labeled {len(labels)} image(s): dataset {dataset['id']} (version {dataset['version']}) now has "
+              f"{dataset['report'].get('unlabeled_count', 0)} unlabeled")
+    if job is not None:
+        out.print(f"queued job {job['id']}: graft jobs watch {job['id']}")
+    else:
+        out.print(f"train again: graft train {dataset['id']}")
+
+
+def _ask_labels(rows: list[dict]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for r in rows:
+        reply = typer.prompt(f"{r['rank']}. {r['original_name']} [{r['predicted_label']}]", default="",
+                             show_default=False).strip()
+        if reply.lower() == "q":
+            break
+        if reply.lower() == "s":
+            continue
+        labels[r["image_id"]] = reply or r["predicted_label"]
+    return labels

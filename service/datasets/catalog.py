@@ -13,12 +13,13 @@ import re
 from contextlib import contextmanager
 from typing import BinaryIO, Iterable, Iterator
 
-from sqlalchemy import delete, func, insert, literal, select
+from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from service.store.blobs import Staging
 from service.errors import Conflict, InvalidInput, NotFound
-from service.datasets.ingest import IngestedImage, IngestResult, Intake, check_labels, ingest_files
+from service.datasets.ingest import UNLABELED, IngestedImage, IngestResult, Intake, check_labels, ingest_files
+from service.datasets.multilabel import MULTI_LABEL, MULTI_LABEL_ROW, SINGLE_LABEL
 from service.datasets.names import LabelRejected, clean_label
 from service.datasets.report import build_report
 from service.enums import TERMINAL
@@ -33,7 +34,7 @@ from workers.data import DatasetImages, LabeledImage
 MAX_LISTED_IN_ERRORS = 1000
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _COPIED_COLUMNS = ("sha256", "label", "split", "original_name", "width", "height", "mode", "format", "phash",
-                   "size_bytes")
+                   "size_bytes", "labels")
 
 
 def _check_id(id_: object, what: str) -> None:
@@ -100,15 +101,21 @@ def create_dataset(session: Session, name: str, result: IngestResult, settings: 
 
 
 def add_images(session: Session, stage: Staging, dataset_id: str, files: Iterable[tuple[str | None, BinaryIO]],
-               label: str, split: str | None, settings: Settings, project_id: str) -> tuple[Dataset, IngestResult]:
-    """Add image files under one label; returns the dataset changed (a new version if it was frozen)."""
-    try:
-        label = clean_label(label, settings.max_label_length)
-    except LabelRejected as exc:
-        raise InvalidInput(str(exc)) from None
+               label: str | None, split: str | None, settings: Settings, project_id: str) -> tuple[Dataset, IngestResult]:
+    """Add image files under one label (None: unlabeled, with no split); returns the dataset changed
+    (a new version if it was frozen)."""
+    if label is None:
+        label, split = UNLABELED, None
+    else:
+        try:
+            label = clean_label(label, settings.max_label_length)
+        except LabelRejected as exc:
+            raise InvalidInput(str(exc)) from None
     source = _lock(session, dataset_id, project_id)
     _refuse_superseded(session, source)
-    check_labels({label}, settings, existing=source.classes)
+    _refuse_multi_label(source, "add images under one label")
+    if label != UNLABELED:
+        check_labels({label}, settings, existing=source.classes)
     existing = {row.sha256: (row.label, row.original_name) for row in session.execute(
         select(DatasetImage.sha256, DatasetImage.label, DatasetImage.original_name)
         .where(DatasetImage.dataset_id == source.id))}
@@ -138,6 +145,51 @@ def remove_image(session: Session, dataset_id: str, image_id: str, settings: Set
     return dataset
 
 
+def label_images(session: Session, dataset_id: str, changes: list[tuple[str, str | None]], create_class: bool,
+                 settings: Settings, project_id: str) -> Dataset:
+    """Give images (by id) a label, or take it away (None: unlabeled again), all in one change;
+    returns the dataset changed (a new version if a job has used it). A label that is no class of
+    the dataset is refused, listing the classes, unless `create_class` (issue 16)."""
+    source = _lock(session, dataset_id, project_id)
+    _refuse_superseded(session, source)
+    _refuse_multi_label(source, "give images one label")
+    wanted: dict[str, str] = {}
+    for image_id, raw in changes:
+        if raw is None:
+            label = UNLABELED
+        else:
+            try:
+                label = clean_label(raw, settings.max_label_length)
+            except LabelRejected as exc:
+                raise InvalidInput(f"image {image_id[:80]!r}: {exc}") from None
+        wanted[image_id] = label
+    new = {label for label in wanted.values() if label != UNLABELED} - set(source.classes)
+    if new and not create_class:
+        classes = ", ".join(map(repr, source.classes[:MAX_LISTED_IN_ERRORS])) or "none yet"
+        raise InvalidInput(f"{', '.join(map(repr, sorted(new)))} {'is' if len(new) == 1 else 'are'} not a class of "
+                           f"dataset {source.id}; its classes are {classes}. Send create_class: true to add "
+                           f"{'it' if len(new) == 1 else 'them'} as a new class",
+                           classes=list(source.classes), unknown=sorted(new))
+    if new:
+        check_labels(new, settings, existing=source.classes)
+    ids = [i for i in wanted if _IMAGE_ID.fullmatch(i)]
+    present = set(session.scalars(select(DatasetImage.sha256).where(DatasetImage.dataset_id == source.id,
+                                                                   DatasetImage.sha256.in_(ids)))) if ids else set()
+    missing = [i for i in wanted if i not in present]
+    if missing:
+        raise NotFound(f"dataset {source.id} has no image with id {missing[0][:80]!r}"
+                       + (f" (nor {len(missing) - 1} more of those sent)" if len(missing) > 1 else ""),
+                       missing=[m[:80] for m in missing[:MAX_LISTED_IN_ERRORS]])
+    dataset = _writable(session, source)
+    for image_id, label in wanted.items():
+        values = {"label": label} if label != UNLABELED else {"label": label, "split": None}
+        session.execute(update(DatasetImage).where(DatasetImage.dataset_id == dataset.id,
+                                                   DatasetImage.sha256 == image_id).values(**values))
+    session.flush()
+    _refresh(session, dataset, settings)
+    return dataset
+
+
 def dataset_for_job(session: Session, dataset_id: str, project_id: str) -> Dataset:
     """The dataset a new job will train on: refused (422, with the reasons) when it cannot train;
     otherwise frozen, so the job trains on exactly these images whatever changes later."""
@@ -155,9 +207,21 @@ def images_for_training(session: Session, dataset_id: str) -> DatasetImages | No
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         return None
-    rows = session.execute(select(DatasetImage.sha256, DatasetImage.label, DatasetImage.split)
+    rows = session.execute(select(DatasetImage.sha256, DatasetImage.label, DatasetImage.split, DatasetImage.labels)
                            .where(DatasetImage.dataset_id == dataset_id).order_by(DatasetImage.id)).all()
-    return DatasetImages(list(dataset.classes), [LabeledImage(r.sha256, r.label, r.split) for r in rows])
+    # Unlabeled images (issue 16) apart: they never take part in the split. A multi-label image
+    # (issue 17) carries its labels, maybe none.
+    return DatasetImages(list(dataset.classes), [LabeledImage(r.sha256, r.label, r.split,
+                                                              tuple(r.labels) if r.labels is not None else None)
+                                                 for r in rows if r.label != UNLABELED],
+                         unlabeled=[r.sha256 for r in rows if r.label == UNLABELED],
+                         multi_label=dataset.task == MULTI_LABEL)
+
+
+def _refuse_multi_label(dataset: Dataset, what: str) -> None:
+    if dataset.task == MULTI_LABEL:
+        raise InvalidInput(f"dataset {dataset.id} is multi-label (several labels per image); these calls {what}. "
+                           "Upload a new zip whose labels.csv lists each image's labels to change it")
 
 
 def _lock(session: Session, dataset_id: str, project_id: str) -> Dataset:
@@ -190,7 +254,7 @@ def _writable(session: Session, dataset: Dataset) -> Dataset:
                   frozen=False, rejected=list(dataset.rejected), report=dict(dataset.report or {}),
                   classes=list(dataset.classes), class_counts=dict(dataset.class_counts),
                   split_counts=dict(dataset.split_counts), num_images=dataset.num_images,
-                  has_val_split=dataset.has_val_split, trainable=dataset.trainable)
+                  has_val_split=dataset.has_val_split, trainable=dataset.trainable, task=dataset.task)
     session.add(new)
     session.flush()
     columns = [getattr(DatasetImage, c) for c in _COPIED_COLUMNS]
@@ -202,9 +266,12 @@ def _writable(session: Session, dataset: Dataset) -> Dataset:
 
 
 def _insert_images(session: Session, dataset_id: str, images: list[IngestedImage]) -> None:
-    session.add_all(DatasetImage(dataset_id=dataset_id, sha256=i.sha256, label=i.label, split=i.split,
+    session.add_all(DatasetImage(dataset_id=dataset_id, sha256=i.sha256, split=i.split,
                                  original_name=i.original_name, width=i.width, height=i.height,
-                                 mode=i.mode, format=i.format, phash=i.phash, size_bytes=i.size_bytes)
+                                 mode=i.mode, format=i.format, phash=i.phash, size_bytes=i.size_bytes,
+                                 # a multi-label image (issue 17): its labels, and a marker in `label`
+                                 label=i.label if i.labels is None else MULTI_LABEL_ROW,
+                                 labels=list(i.labels) if i.labels is not None else None)
                     for i in images)
     session.flush()
 
@@ -221,6 +288,7 @@ def _refresh(session: Session, dataset: Dataset, settings: Settings, result: Ing
     dataset.num_images = report["num_images"]
     dataset.has_val_split = report["has_val_split"]
     dataset.trainable = report["trainable"]
+    dataset.task = report.get("task", SINGLE_LABEL)
     dataset.report = report
 
 
@@ -243,11 +311,17 @@ def report_of(session: Session, dataset: Dataset, settings: Settings) -> dict:
 
 
 def list_images(session: Session, dataset_id: str, label: str | None, limit: int, offset: int,
-                project_id: str) -> list[DatasetImage]:
+                project_id: str, unlabeled: bool | None = None) -> list[DatasetImage]:
+    """`unlabeled`: True, only the images without a label; False, only those with one."""
     dataset = get_or_404(session, Dataset, dataset_id, "dataset", project_id)
     query = select(DatasetImage).where(DatasetImage.dataset_id == dataset.id)
+    if unlabeled is not None:
+        query = query.where((DatasetImage.label == UNLABELED) if unlabeled else (DatasetImage.label != UNLABELED))
     if label is not None and "\x00" in label:  # no label holds a NUL (and PostgreSQL cannot compare one)
         return []
+    if label is not None and dataset.task == MULTI_LABEL:  # the images that have this label among theirs
+        rows = [r for r in session.scalars(query.order_by(DatasetImage.id)) if label in (r.labels or ())]
+        return rows[offset:offset + limit]
     if label is not None:
         query = query.where(DatasetImage.label == label)
     return list(session.scalars(query.order_by(DatasetImage.id).limit(limit).offset(offset)))

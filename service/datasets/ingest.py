@@ -6,6 +6,10 @@ folders, or plain image files with one label (adding to a dataset). Unsafe archi
 traversal, links, encryption, unknown compression, overlapping entries, bombs) are refused whole;
 single unusable files are skipped and listed with a reason, never fatal. Nothing is extracted to
 disk: entries are read into memory one at a time, counting the bytes actually decompressed.
+Unlabeled images (issue 16) come in a zip's top-level `unlabeled/` folder, as manifest rows with an
+empty label, or as files added without a label; their label is UNLABELED ("").
+Several labels per image (issue 17): a `labels` column / "labels" key in the manifest
+(service/datasets/multilabel.py).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 
 from service.store.blobs import Staging
 from service.errors import InvalidInput, PayloadTooLarge
+from service.datasets import multilabel
 from service.datasets.names import LabelRejected, clean_filename, clean_label, clean_name, label_key
 from service.settings import Settings
 from workers.imaging import ImageRejected, inspect_image
@@ -53,6 +58,8 @@ class IngestedImage:
     format: str
     phash: str
     size_bytes: int = 0
+    # A multi-label image's labels (maybe none; issue 17): `label` is then their key_of (a JSON list).
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -87,7 +94,11 @@ class Intake:
         self._by_sha: dict[str, list[IngestedImage]] = {}
         self._duplicates: dict[tuple[str, str], dict] = {}
 
-    def offer(self, path: str, label: str, split: str | None, data: bytes) -> None:
+    def offer(self, path: str, label: str | tuple[str, ...], split: str | None, data: bytes) -> None:
+        """`label`: a class, or a multi-label image's labels as a tuple (multilabel.py)."""
+        labels = None
+        if isinstance(label, tuple):
+            labels, label = label, multilabel.key_of(label)
         sha = hashlib.sha256(data).hexdigest()
         if sha in self.existing:
             old_label, old_name = self.existing[sha]
@@ -101,7 +112,7 @@ class Intake:
             if same_class is not None:
                 self._note_duplicate(same_class, path)
             else:
-                seen.append(replace(seen[0], label=label, split=split, original_name=path))
+                seen.append(replace(seen[0], label=label, split=split, original_name=path, labels=labels))
             return
         if data.startswith(ARCHIVE_MAGIC) or data[257:262] == b"ustar":
             self.result.reject(path, "nested archive; archives inside an upload are not extracted")
@@ -116,7 +127,7 @@ class Intake:
                                   f"at most {self.settings.max_images_per_dataset}")
         self.stage.put(data)
         self._by_sha[sha] = [IngestedImage(sha, label, split, path, info.width, info.height, info.mode,
-                                           info.format, info.phash, len(data))]
+                                           info.format, info.phash, len(data), labels)]
 
     def _note_duplicate(self, kept: IngestedImage, path: str) -> None:
         group = self._duplicates.setdefault((kept.sha256, kept.label),
@@ -127,9 +138,15 @@ class Intake:
     def finish(self) -> IngestResult:
         result = self.result
         for sha, copies in self._by_sha.items():
-            labels = sorted({img.label for img in copies})
+            # Unlabeled copies of a labeled image add nothing: the labeled one is kept (issue 16).
+            labels = sorted({img.label for img in copies} - {UNLABELED}) or [UNLABELED]
             if len(labels) == 1:
-                result.images.append(copies[0])
+                kept = next(img for img in copies if img.label == labels[0])
+                result.images.append(kept)
+                for img in copies:
+                    if img is not kept:
+                        result.reject(img.original_name, f"the same image as {kept.original_name!r} (labeled "
+                                      f"{kept.label!r}); kept once, labeled")
                 continue
             result.conflicts.append({"sha256": sha, "labels": labels, "paths": [c.original_name for c in copies]})
             for img in copies:
@@ -147,7 +164,7 @@ def ingest_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestRe
     intake = Intake(stage, settings)
     reader = _EntryReader(archive, settings)
     placed = _place_files(entries, reader, intake.result, settings)
-    check_labels({label for _, _, label, _ in placed}, settings)
+    check_labels(multilabel.names_in(label for _, _, label, _ in placed) - {UNLABELED}, settings)
     for info, path, label, split in placed:
         data = reader.read(info, path, intake.result)
         if data is not None:
@@ -155,7 +172,14 @@ def ingest_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestRe
     return intake.finish()
 
 
-UNLABELED = ""  # the label of images uploaded to be predicted (batch predictions), not to train on
+UNLABELED = ""  # the label of an image nobody has labeled yet (issue 16; batch predictions' images too)
+UNLABELED_FOLDER = "unlabeled"  # a zip's top-level folder of unlabeled images, beside the class folders
+
+
+def is_unlabeled(img) -> bool:
+    """An image without a label: never counted toward a class, never validated on (issue 16).
+    A multi-label image (a `labels` list, even an empty one) is labeled."""
+    return img.label == UNLABELED and getattr(img, "labels", None) is None
 
 
 def ingest_unlabeled_zip(upload: BinaryIO, stage: Staging, settings: Settings) -> IngestResult:
@@ -313,7 +337,7 @@ def _normalise_path(name: str) -> str:
 def _strip_wrapper(files: list) -> tuple[list, int]:
     """One folder around everything (what zipping a folder produces) is not part of the layout."""
     tops = {parts[0] for _, _, parts in files}
-    if len(tops) == 1 and next(iter(tops)).lower() not in SPLIT_NAMES and any(len(p) >= 3 for _, _, p in files):
+    if len(tops) == 1 and next(iter(tops)).lower() not in (*SPLIT_NAMES, UNLABELED_FOLDER) and any(len(p) >= 3 for _, _, p in files):
         return [(info, path, parts[1:]) for info, path, parts in files], 1
     return files, 0
 
@@ -323,6 +347,9 @@ def _place_by_folders(files: list, result: IngestResult, settings: Settings) -> 
     split_layout = any(parts[0].lower() in SPLIT_NAMES and len(parts) > 2 for _, _, parts in files)
     placed = []
     for info, path, parts in files:
+        if len(parts) >= 2 and parts[0].lower() == UNLABELED_FOLDER:  # unlabeled/<image>, in any sub-folders
+            placed.append((info, path, UNLABELED, None))
+            continue
         if split_layout:
             split = SPLIT_NAMES.get(parts[0].lower())
             if split is None or len(parts) != 3:
@@ -396,8 +423,14 @@ def _place_by_manifest(files: list, manifest: tuple, reader: _EntryReader, resul
             continue
         listed[key] = lineno
         info, path = found
+        multi = isinstance(raw_label, tuple)  # a multi-label row (issue 17): bad labels refuse the upload
+        if multi:
+            raw_label = multilabel.clean_labels(raw_label, where, settings.max_label_length)
+        elif not (raw_label or "").strip():  # an empty label: an unlabeled image (issue 16), never split
+            placed.append((info, path, UNLABELED, None))
+            continue
         try:
-            label = clean_label(raw_label, settings.max_label_length)
+            label = raw_label if multi else clean_label(raw_label, settings.max_label_length)
         except LabelRejected as exc:
             result.reject(path, f"{where}: {exc}")
             continue
@@ -427,13 +460,16 @@ def _csv_rows(text: str) -> Iterator[tuple[int, str, str, str | None]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [c.strip().lower() for c in next(reader, [])]
-        if "path" not in header or "label" not in header:
-            raise InvalidInput("labels.csv must start with a header row: path,label[,split]")
-        ip, il = header.index("path"), header.index("label")
+        multi = multilabel.csv_labels_column(header)  # issue 17: a labels column, ';'-separated
+        if "path" not in header or ("label" not in header and not multi):
+            raise InvalidInput("labels.csv must start with a header row: path,label[,split] (one class per "
+                               "image), or path,labels[,split] (several labels per image, ';'-separated)")
+        ip, il = header.index("path"), header.index("labels" if multi else "label")
         isplit = header.index("split") if "split" in header else None
         for row in reader:
             if any(cell.strip() for cell in row):
-                yield reader.line_num, _cell(row, ip), _cell(row, il), _cell(row, isplit)
+                label = multilabel.split_cell(_cell(row, il), reader.line_num) if multi else _cell(row, il)
+                yield reader.line_num, _cell(row, ip), label, _cell(row, isplit)
     except csv.Error as exc:
         raise InvalidInput(f"labels.csv is malformed at line {reader.line_num}: {exc}") from None
 
@@ -443,6 +479,7 @@ def _cell(row: list[str], index: int | None) -> str:
 
 
 def _jsonl_rows(text: str) -> Iterator[tuple[int, str, str, str | None]]:
+    kinds = multilabel.JsonlKinds()  # "label" lines and "labels" lines (issue 17) are not mixed
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -453,8 +490,16 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, str, str, str | None]]:
         if not isinstance(row, dict):
             raise InvalidInput(f"labels.jsonl line {lineno} is not a JSON object with path and label")
         path, label, split = row.get("path"), row.get("label"), row.get("split")
+        if ("label" in row or "labels" in row) and kinds.check(row, lineno) == "labels":
+            if not isinstance(path, str) or not isinstance(split, (str, type(None))):
+                raise InvalidInput(f"labels.jsonl line {lineno}: path must be a string, split a string or absent")
+            yield lineno, path, multilabel.jsonl_labels(row, lineno), split
+            continue
+        if label is None and "labels" not in row:  # no label: an unlabeled image (issue 16)
+            label = UNLABELED
         if not isinstance(path, str) or not isinstance(label, str) or not isinstance(split, (str, type(None))):
-            raise InvalidInput(f"labels.jsonl line {lineno}: path and label must be strings, split a string or absent")
+            raise InvalidInput(f"labels.jsonl line {lineno}: path and label must be strings (label empty or "
+                               "absent for an unlabeled image), split a string or absent")
         yield lineno, path, label, split
 
 

@@ -54,6 +54,7 @@ class _Request:
     model: LoadedModel
     crops: list[torch.Tensor]  # uint8 [3, H, W] each, CPU
     future: Future
+    features: bool = False  # issue 16: the backbone's features (and the mirrors', for tta_flip), not scores
 
 
 class InferenceEngine:
@@ -151,12 +152,25 @@ class InferenceEngine:
         """Calibrated probabilities [len(items), classes] on the CPU, as Classifier.predict_proba
         gives them. `decode` maps each item to the model's uint8 [3, H, W] eval crop (several items
         in parallel on the decode threads; its exceptions reach the caller); None: items are crops."""
+        return self.predict_scored(model, items, decode)[0]
+
+    def predict_scored(self, model: LoadedModel, items: list, decode=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """predict_proba's probabilities, and the model's out-of-distribution scores [len(items)]
+        (workers/ood.py; None for a model that keeps no such score)."""
         crops = items if decode is None else self._decode_all(decode, items)
         return self._wait(self.submit(model, crops))
 
-    def submit(self, model: LoadedModel, crops: list[torch.Tensor]) -> Future:
-        """Queue crops for `model`; the future gets what predict_proba returns."""
-        request = _Request(model, crops, Future())
+    def features(self, model: LoadedModel, items: list, decode=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's backbone features [len(items), D] of each item's eval crop, and of its mirror when
+        the model averages mirrors (tta_flip; else None), float32 on the CPU: what its head reads
+        (active-learning suggestions, issue 16). Same threads and batching as predict_proba."""
+        crops = items if decode is None else self._decode_all(decode, items)
+        return self._wait(self.submit(model, crops, features=True))
+
+    def submit(self, model: LoadedModel, crops: list[torch.Tensor], features: bool = False) -> Future:
+        """Queue crops for `model`; the future gets what predict_scored returns (`features`: what
+        features() returns)."""
+        request = _Request(model, crops, Future(), features)
         with self._cond:
             if self._state != "running":
                 raise EngineStopped("the prediction engine is not running")
@@ -179,7 +193,7 @@ class InferenceEngine:
                 raise
             raise EngineStopped("the server is shutting down; retry on another instance") from exc
 
-    def _wait(self, future: Future) -> torch.Tensor:
+    def _wait(self, future: Future) -> tuple[torch.Tensor, torch.Tensor | None]:
         while True:
             try:
                 return future.result(timeout=1.0)
@@ -272,12 +286,22 @@ class InferenceEngine:
         for i, request in enumerate(group):
             classifier = self._head(request.model.classifier)
             n = offsets[i + 1] - offsets[i]
-            logits = classifier.head_logits(feats[offsets[i]:offsets[i + 1]]).float()
+            if request.features:  # issue 16: the features themselves (suggestions)
+                theirs = feats[mirror_at:mirror_at + n].cpu() if classifier.tta_flip else None
+                mirror_at += n if classifier.tta_flip else 0
+                request.future.set_result((feats[offsets[i]:offsets[i + 1]].cpu(), theirs))
+                continue
+            own, own_mirrored = feats[offsets[i]:offsets[i + 1]], None
+            logits = classifier.head_logits(own).float()
             mirrored = None
             if classifier.tta_flip:
-                mirrored = classifier.head_logits(feats[mirror_at:mirror_at + n]).float()
+                own_mirrored = feats[mirror_at:mirror_at + n]
+                mirrored = classifier.head_logits(own_mirrored).float()
                 mirror_at += n
-            request.future.set_result(request.model.classifier.serve(logits, mirrored)[1].cpu())
+            served, probs = request.model.classifier.serve(logits, mirrored)
+            ood = getattr(classifier, "ood", None)  # issue 17: the model's out-of-distribution score, when it keeps one
+            scores = ood.score(served, classifier.temperature, own, own_mirrored).cpu() if ood is not None else None
+            request.future.set_result((probs.cpu(), scores))
 
     def _backbone(self, features: nn.Module, input_size: int) -> nn.Module:
         with self._preparing:

@@ -28,9 +28,11 @@ from service.store.objects import StorageUnavailable, store_for
 from service.store.tables import Model
 from workers.artifacts import (FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, Classifier, LoadedModel, load_artifact,
                                sha256_file)
+from workers.ood import NEGATIVE_LABEL
 
 MODEL_FILES: dict[str, str] = {"onnx": "model.onnx", "safetensors": WEIGHTS_FILE, "torchscript": "model.torchscript.pt"}
 INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "probabilities")
+OOD_OUTPUT = "ood_score"  # a third output, for models that keep an out-of-distribution score (issue 17)
 _EXPORT_LOCK = threading.Lock()  # exporters trace the model; one export at a time is plenty
 
 
@@ -43,9 +45,15 @@ class WithProbabilities(nn.Module):
         super().__init__()
         self.classifier = classifier
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mirrored = self.classifier(x.flip(-1)) if self.classifier.tta_flip else None
-        return self.classifier.serve(self.classifier(x), mirrored)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c = self.classifier
+        feats = c.features(x)
+        mirrored_feats = c.features(x.flip(-1)) if c.tta_flip else None
+        logits, probs = c.serve(c.head_logits(feats), c.head_logits(mirrored_feats) if c.tta_flip else None)
+        if getattr(c, "ood", None) is None:
+            return logits, probs
+        # Issue 17: the out-of-distribution score /predict compares with the threshold (export.ood).
+        return logits, probs, c.ood.score(logits, c.temperature, feats, mirrored_feats)
 
 
 class Exporter:
@@ -98,6 +106,10 @@ def _example(loaded: LoadedModel, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def output_names(loaded: LoadedModel) -> list[str]:
+    return [*OUTPUT_NAMES, *([OOD_OUTPUT] if getattr(loaded.classifier, "ood", None) is not None else [])]
+
+
 def _plain(loaded: LoadedModel) -> nn.Module:
     # NCHW in the exported graph: the layout a runtime is fed, whatever the server runs in.
     return WithProbabilities(loaded.classifier.to(memory_format=torch.contiguous_format)).eval()
@@ -109,7 +121,7 @@ def _write_onnx(loaded: LoadedModel, _artifact_dir: Path, out: Path) -> dict:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(_plain(loaded), (_example(loaded),), str(out), dynamo=True, external_data=False,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          input_names=[INPUT_NAME], output_names=output_names(loaded),
                           dynamic_shapes=({0: batch},), verbose=False)
     proto = onnx.load(str(out), load_external_data=False)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -149,6 +161,24 @@ def export_manifest(loaded: LoadedModel, fmt: str, model_file: Path, details: di
         "temperature": float(getattr(loaded.classifier, "temperature", 1.0)),
         "tta_flip": bool(getattr(loaded.classifier, "tta_flip", False)),
     }
+    ood = getattr(loaded.classifier, "ood", None)
+    if ood is not None and io_spec:
+        io_spec["outputs"].append({"name": OOD_OUTPUT, "dtype": "float32", "shape": ["batch"],
+                                   "note": "the out-of-distribution score: unknown below export.ood.threshold"})
+    if ood is not None:
+        io_spec["ood"] = {**ood.config(), "rule": (
+            f"unknown (none of the classes) when the score is below the threshold, or when the top class is "
+            f"{NEGATIVE_LABEL!r}"), "parameters": "ood.* tensors in the weights (cosine: center, means)"}
+    c = loaded.classifier
+    if getattr(c, "multi_label", False):  # issue 17: sigmoid per label, and each label's threshold
+        if io_spec:
+            io_spec["outputs"][1]["note"] = ("sigmoid(logits * label_scale + label_bias) per label (Platt "
+                                             "calibration): the scores /predict returns")
+        io_spec["multi_label"] = {
+            "rule": "a label is predicted when its probability is at or over its threshold (any number of labels, "
+                    "maybe none)",
+            "thresholds": {label: float(t) for label, t in zip(loaded.classes, c.thresholds or [])},
+            "label_scale": list(c.label_scale or []), "label_bias": list(c.label_bias or [])}
     return {**loaded.manifest, "export": {
         "format": fmt, "file": model_file.name, "file_sha256": sha256_file(model_file),
         "torch_version": torch.__version__, **io_spec, **details,

@@ -14,6 +14,8 @@ from service.store.tables import Model
 from service.store.objects import store_for
 from workers.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LoadedModel, load_artifact, weight_bytes
 from workers.imaging import ImageRejected
+from workers.ood import NEGATIVE_LABEL
+from service.serving.multilabel import multi_label_answer
 from workers.preprocessing import decode_square, eval_crop
 
 
@@ -76,13 +78,19 @@ class ModelCache:
         return len(self._models)
 
 
-def predict(engine: InferenceEngine, model: LoadedModel, files: list[tuple[str, bytes]], top_k: int) -> list[dict]:
+def predict(engine: InferenceEngine, model: LoadedModel, files: list[tuple[str, bytes]], top_k: int,
+            min_score: float | None = None) -> list[dict]:
     """Calibrated probabilities for each file, in upload order, top_k sorted by score.
 
     Decoding runs on the caller's thread (several files: on the engine's decode threads), the
     forward on the engine's thread, so torch always runs on one thread. The model's temperature
     (fitted on val after training) and mirror averaging (tta_flip) come from its manifest, so
     /predict scores are the ones its ECE was measured on.
+
+    Issue 17: `label` is the top class, or None with `unknown` true when the image scores below
+    the model's out-of-distribution threshold (`min_score` instead, when given: the caller checked
+    it with workers.ood.check_min_score) or when its top class is the negative class. A model
+    without a stored score (made before it) never answers unknown.
     """
     pre = model.preprocessing
 
@@ -93,12 +101,28 @@ def predict(engine: InferenceEngine, model: LoadedModel, files: list[tuple[str, 
         except ImageRejected as exc:
             raise InvalidInput(f"file {name!r} is not a usable image: {exc}", filename=name) from None
 
-    probs = engine.predict_proba(model, files, decode=crop)
+    probs, ood_scores = engine.predict_scored(model, files, decode=crop)
     k = min(top_k, len(model.classes))
     scores, indices = probs.topk(k, dim=1)
     return [
-        {"filename": name,
+        {"filename": name, **unknown_answer(model, int(row_idx[0]), ood_scores[j] if ood_scores is not None else None,
+                                            min_score),
          "predictions": [{"label": model.classes[i], "score": round(float(s), 6)}
-                         for s, i in zip(row_scores.tolist(), row_idx.tolist())]}
-        for (name, _), row_scores, row_idx in zip(files, scores, indices)
+                         for s, i in zip(row_scores.tolist(), row_idx.tolist())],
+         **multi_label_answer(model, probs[j])}  # issue 17: labels over their thresholds, all scores
+        for j, ((name, _), row_scores, row_idx) in enumerate(zip(files, scores, indices))
     ]
+
+
+def unknown_answer(model: LoadedModel, top: int, score, min_score: float | None) -> dict:
+    """`label`, `unknown` and `ood` of one image's answer (issue 17)."""
+    ood = getattr(model.classifier, "ood", None)
+    negative = model.classes[top] == NEGATIVE_LABEL
+    entry = None
+    below = False
+    if ood is not None and score is not None:
+        threshold = ood.threshold if min_score is None else float(min_score)
+        below = float(score) < threshold
+        entry = {"kind": ood.kind, "score": round(float(score), 6), "threshold": round(threshold, 6)}
+    unknown = negative or below
+    return {"label": None if unknown else model.classes[top], "unknown": unknown, "ood": entry}

@@ -139,6 +139,11 @@ function datasetCard(d) {
   const report = d.report || {};
   const notes = [...(report.problems || []).map((p) => el("div", { class: "problem" }, `cannot train: ${p}`)),
                  ...(report.warnings || []).map((w) => el("div", { class: "rejected" }, `warning: ${w}`))];
+  if (d.task === "multi_label") {  // issue 17: the counts are per label; say how many images have none
+    const none = (report.images_without_labels || {}).total || 0;
+    notes.unshift(el("div", { class: "stats", "data-testid": "multi-label" },
+      `multi-label: images have several labels (counts per label); ${none} image(s) have none of them`));
+  }
   return el("div", { class: "card dataset", "data-id": d.id, "data-testid": "dataset" },
     el("b", {}, d.name), " ", el("span", { class: "id" }, d.id),
     el("div", { class: "stats" }, `${d.num_images} images · ${d.classes.length} classes · `
@@ -490,8 +495,14 @@ async function selectModel(modelId) {
                 ["macro F1", fmt(metrics.macro_f1)], ["val loss", fmt(metrics.val_loss, 4)],
                 ["best epoch", metrics.best_epoch], ["train images/s", metrics.train_images_per_s],
                 ["device", metrics.device]];
+  if (metrics.task === "multi_label") {  // issue 17: mAP and the per-label scores instead of accuracy
+    rows.splice(3, 4, ["mAP (macro)", fmt(metrics.map_macro)], ["mAP (micro)", fmt(metrics.map_micro)],
+                ["subset accuracy", fmt(metrics.subset_accuracy)], ["Hamming loss", fmt(metrics.hamming_loss, 4)],
+                ["micro F1", fmt(metrics.micro_f1)], ["thresholds", metrics.threshold_tuning?.method]);
+  }
+  if (metrics.ood) rows.push(["unknown below", `${metrics.ood.kind} ${fmt(metrics.ood.threshold)} (${fmt(metrics.ood.held_out_pass_rate)} of held-out pass)`]);
   $("#model-metrics").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v ?? "–"))));
-  const cm = metrics.confusion_matrix;
+  const cm = metrics.confusion_matrix || { labels: [], matrix: [] };  // none for a multi-label model
   const peak = Math.max(1, ...cm.matrix.flat());
   $("#confusion").replaceChildren(
     el("tr", {}, el("th", {}, ""), cm.labels.map((l) => el("th", {}, l))),
@@ -501,7 +512,12 @@ async function selectModel(modelId) {
       return el("td", { class: "cell", style: `background:${v ? color : "#fff"}`, title: "show these images",
                         onclick: () => showGallery(m, cm.labels[i], cm.labels[j]).catch(showError) }, v);
     }))));
-  $("#per-class").replaceChildren(el("tr", {}, ["class", "precision", "recall", "F1", "support"].map((h) => el("th", {}, h))),
+  if (metrics.per_label) {  // multi-label: each label's AP, threshold and P/R/F1 there
+    $("#per-class").replaceChildren(el("tr", {}, ["label", "AP", "threshold", "precision", "recall", "F1", "support"].map((h) => el("th", {}, h))),
+      ...Object.entries(metrics.per_label).map(([label, c]) => el("tr", { "data-testid": "per-label" }, el("td", {}, label),
+        el("td", {}, fmt(c.ap)), el("td", {}, fmt(c.threshold)), el("td", {}, fmt(c.precision)), el("td", {}, fmt(c.recall)),
+        el("td", {}, fmt(c.f1)), el("td", {}, c.support))));
+  } else $("#per-class").replaceChildren(el("tr", {}, ["class", "precision", "recall", "F1", "support"].map((h) => el("th", {}, h))),
     ...Object.entries(metrics.per_class).map(([label, c]) => el("tr", {}, el("td", {}, label), el("td", {}, fmt(c.precision)),
       el("td", {}, fmt(c.recall)), el("td", {}, fmt(c.f1)), el("td", {}, c.support))));
   drawCurves($("#model-curves"), metrics.history || []);
@@ -566,6 +582,16 @@ async function showPlots(m) {
   if (state.selectedModel === m.id) $("#plots").replaceChildren(...imgs);
 }
 
+// The answer's headline: the top class, or "unknown" when the image is none of the model's classes (issue 17).
+function topLine(r) {
+  if (r.labels) {  // a multi-label model (issue 17): every label over its threshold
+    return el("div", { "data-testid": "labels" }, el("b", { class: "top-label" }, r.labels.length ? r.labels.join(", ") : "no label"),
+      r.labels.length ? ` ${r.labels.map((l) => fmt(r.scores[l])).join(", ")}` : " (none over its threshold)");
+  }
+  if (r.unknown) return el("div", {}, el("b", { class: "top-label unknown", "data-testid": "unknown" }, "unknown"), " none of these");
+  return el("div", {}, el("b", { class: "top-label" }, r.predictions[0].label), ` ${fmt(r.predictions[0].score)}`);
+}
+
 async function predictFiles(files) {
   const modelId = state.selectedModel;
   if (!modelId || !files.length) return;
@@ -575,8 +601,10 @@ async function predictFiles(files) {
     const answer = await api(`/v1/models/${modelId}/predict?top_k=3`, { method: "POST", body: form });
     $("#predict-results").replaceChildren(...answer.results.map((r, i) => el("div", { class: "card prediction", "data-testid": "prediction" },
       el("img", { src: URL.createObjectURL(files[i]), alt: r.filename }),
-      el("div", {}, el("b", { class: "top-label" }, r.predictions[0].label), ` ${fmt(r.predictions[0].score)}`),
+      topLine(r),
       el("div", { class: "stats" }, r.filename),
+      r.ood ? el("div", { class: "stats", "data-testid": "ood-score" },
+        `${r.ood.kind} score ${fmt(r.ood.score)} (unknown below ${fmt(r.ood.threshold)})`) : null,
       r.predictions.map((p) => el("div", {}, el("div", { class: "stats" }, `${p.label} ${fmt(p.score)}`),
         el("div", { class: "bar", style: `width:${Math.max(2, Math.round(p.score * 120))}px` }))))));
     await explainFiles(modelId, form, files);
@@ -596,6 +624,62 @@ async function explainFiles(modelId, form, files) {
   });
 }
 
+// -- labeling (issue 16): the unlabeled images the selected model is least sure of -----------------
+const labeling = { modelId: null, datasetId: null, chosen: new Map() };  // image id -> label
+
+async function loadSuggestions() {
+  const modelId = state.selectedModel;
+  if (!modelId) return;
+  const m = await api(`/v1/models/${modelId}`);
+  const q = new URLSearchParams({ k: "24", strategy: $("#label-strategy").value });
+  const answer = await api(`/v1/models/${modelId}/suggestions?${q}`);
+  Object.assign(labeling, { modelId, datasetId: answer.dataset_id, chosen: new Map() });
+  $("#label-status").textContent = `${answer.unlabeled_images} unlabeled image(s) in dataset ${answer.dataset_id.slice(0, 8)} `
+    + `(version ${answer.dataset_version}); ${answer.suggestions.length} suggested`;
+  const cards = await Promise.all(answer.suggestions.map(async (s) => {
+    const pick = el("select", { "data-testid": "label-choice", title: "choose another class" },
+      el("option", { value: "" }, "other class…"), m.classes.map((c) => el("option", { value: c }, c)));
+    const card = el("div", { class: "card thumb", "data-testid": "suggestion", "data-id": s.image_id });
+    const choose = (label) => {
+      labeling.chosen.set(s.image_id, label);
+      card.classList.add("selected");
+      card.querySelector(".stats").textContent = `→ ${label}`;
+      $("#label-save").disabled = false;
+    };
+    pick.addEventListener("change", () => pick.value && choose(pick.value));
+    card.append(await authedImage(s.thumbnail, { alt: s.original_name, title: s.original_name }),
+      el("button", { type: "button", "data-testid": "accept", title: "accept the model's guess",
+                     onclick: () => choose(s.predicted_label) }, `✓ ${s.predicted_label} ${fmt(s.score, 2)}`),
+      pick, el("div", { class: "stats" }, `margin ${fmt(s.margin, 2)}`));
+    return card;
+  }));
+  $("#label-grid").replaceChildren(...cards);
+  $("#label-save").disabled = true;
+  $("#label-train").disabled = true;
+}
+
+async function saveLabels() {
+  if (!labeling.chosen.size) return;
+  const images = [...labeling.chosen].map(([id, label]) => ({ id, label }));
+  const d = await api(`/v1/datasets/${labeling.datasetId}/images`, {
+    method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ images }) });
+  labeling.datasetId = d.id;
+  labeling.chosen = new Map();
+  $("#label-status").textContent = `saved ${images.length} label(s): dataset ${d.id.slice(0, 8)} version ${d.version}, `
+    + `${d.report.unlabeled_count ?? 0} still unlabeled`;
+  $("#label-save").disabled = true;
+  $("#label-train").disabled = false;
+  await refreshDatasets();
+}
+
+async function trainAgain() {
+  const job = await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                      body: JSON.stringify({ dataset_id: labeling.datasetId }) });
+  $("#label-status").textContent = `queued job ${job.id.slice(0, 8)} on the labeled dataset`;
+  $("#label-train").disabled = true;
+  await refreshJobs();
+}
+
 // -- start ------------------------------------------------------------------------------------
 async function refreshAll() {
   try {
@@ -612,6 +696,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#upload-form").addEventListener("submit", uploadDataset);
   $("#train-form").addEventListener("submit", startJob);
   $("#promote-form").addEventListener("submit", promoteModel);
+  $("#label-load").addEventListener("click", () => loadSuggestions().catch(showError));
+  $("#label-save").addEventListener("click", () => saveLabels().catch(showError));
+  $("#label-train").addEventListener("click", () => trainAgain().catch(showError));
   $("#predict-file").addEventListener("change", (e) => predictFiles([...e.target.files]));
   dropzone($("#predict-drop"), predictFiles);
   loadTrainForm().catch(showError);

@@ -39,6 +39,8 @@ class Dataset(Base):
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     trainable: Mapped[bool] = mapped_column(Boolean, default=True)
     report: Mapped[dict] = mapped_column(JSON, default=dict)  # service.datasets.report.build_report
+    # "single_label" (one class per image) or "multi_label" (each image any of the labels; issue 17)
+    task: Mapped[str] = mapped_column(String(16), default="single_label", server_default="single_label")
 
 
 class DatasetImage(Base):
@@ -58,6 +60,8 @@ class DatasetImage(Base):
     format: Mapped[str | None] = mapped_column(String(16))
     phash: Mapped[str | None] = mapped_column(String(16))  # perceptual hash, 16 hex digits
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # counts toward the project's storage quota
+    # Multi-label datasets: the image's labels (maybe none); `label` then holds MULTI_LABEL_ROW.
+    labels: Mapped[list | None] = mapped_column(JSON)
 
 
 class Job(Base):

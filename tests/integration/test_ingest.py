@@ -58,7 +58,8 @@ def test_csv_manifest_labels_a_flat_folder(client, guard):
     assert body["split_counts"] == {"train": {"ants": 5, "bees": 5}, "val": {"ants": 1, "bees": 1}}
     why = {r["path"]: r["reason"] for r in body["rejected"]}
     assert "not train, val or test" in why["pics/flat/12.png"] and "listed again" in why["flat/0.png"]
-    assert "no usable file" in why["flat/missing.png"] and "empty" in why["pics/flat/13.png"]
+    assert "no usable file" in why["flat/missing.png"] and "pics/flat/13.png" not in why
+    assert body["report"]["unlabeled_count"] == 1  # an empty label: an unlabeled image (issue 16)
     guard.check_clean()
 
 

@@ -71,7 +71,8 @@ def test_linear_probe_artifact_holds_only_the_head_and_predicts_exactly_the_same
     row = write(tmp_path / "models", "probe", result.classifier)
 
     assert row.size_bytes < 64 * 1024, row.size_bytes  # the ~14 MB backbone is not in it
-    assert set(load_file(str(row.path / "model.safetensors"))) == {"head.weight", "head.bias"}
+    # the head, and its out-of-distribution score's class means (issue 17)
+    assert set(load_file(str(row.path / "model.safetensors"))) == {"head.weight", "head.bias", "ood.center", "ood.means"}
     manifest = json.loads((row.path / "manifest.json").read_text())
     assert manifest["format_version"] == 2
     assert manifest["backbone_weights"] == {"source": "pretrained", "sha256": pretrained_fingerprint(SPEC.name)}

@@ -33,7 +33,7 @@ from torch import nn
 from workers.artifacts import Classifier
 from workers.config import TrainConfig
 from workers.device import autocast, inference_batch_size, pick_device
-from workers.metrics import classification_metrics
+from workers.metrics import classification_metrics, multilabel_metrics
 from workers.preprocessing import eval_crop, normalize
 from workers.progress import PhaseMeter
 from workers.training.auto import train_auto
@@ -51,20 +51,42 @@ def train(config: TrainConfig, data: PreparedData, features: nn.Module, feature_
     device = device or pick_device()
     given = data
     data = dataclasses.replace(data, test_x=None, test_y=None).on(device)  # no strategy can read test
-    if config.strategy == "auto":
+    if data.multi_label:  # issue 17: a sigmoid per label (workers/training/multilabel.py)
+        from workers.training.multilabel import train_multilabel
+        result = train_multilabel(config, data, features, feature_dim, control, device, init_head)
+    elif config.strategy == "auto":
         result = train_auto(config, data, features, feature_dim, control, device)
     else:
         result = train_recipe(config, data, features, feature_dim, control, device, checkpoints=True,
                               init_head=init_head)
+    fit_unknown(result, data)
     if result.preprocessing is not None and given.test_x is not None:  # auto chose another backbone
         given = given.at_backbone(result.recipe["backbone"])[0]
     test_x, test_y = given.test_x, given.test_y
     if test_x is not None and len(test_x):
         meter = PhaseMeter(control, "scoring the test split", len(test_x), "images")
         result.test_probabilities = predicted_probabilities(result.classifier, test_x, given, device, control, meter)
-        result.metrics["test"] = score_held_out(result.test_probabilities, test_y, given)
+        result.metrics["test"] = score_held_out(result.test_probabilities, test_y, given, result.classifier.thresholds)
         result.metrics["num_test_images"] = len(test_y)
     return result
+
+
+def fit_unknown(result: TrainResult, data: PreparedData) -> None:
+    """Issue 17, "none of these": the model's out-of-distribution score and threshold, fitted on its
+    held-out predictions only (never the test split: `data` has none here), kept on the classifier
+    (so the artifact carries it) and in the metrics; the negative class reported apart."""
+    from workers.ood import fit_ood, negative_metrics
+    if getattr(data, "multi_label", False):  # "none of these" is for single-label models
+        return
+    held = result.held_out
+    pooled_y = torch.cat([data.train_y, data.val_y]).cpu() if held is not None and held.features is not None else None
+    ood = fit_ood(held, data.classes, float(result.classifier.temperature),
+                  held.features if held is not None else None, pooled_y, seed=int(result.recipe.get("seed") or 0)
+                  if result.recipe else 0)
+    result.classifier.ood = ood
+    if ood is not None:
+        result.metrics["ood"] = ood.config()
+    negative_metrics(result.metrics, data.classes)
 
 
 def predicted_probabilities(classifier: Classifier, x_u8: torch.Tensor, data: PreparedData, device: torch.device,
@@ -86,9 +108,14 @@ def predicted_probabilities(classifier: Classifier, x_u8: torch.Tensor, data: Pr
     return torch.cat(probs)
 
 
-def score_held_out(probs: torch.Tensor, y: torch.Tensor, data: PreparedData) -> dict:
-    """Scores of held-out images' predicted probabilities, named as the val metrics without "val_"."""
-    scores = classification_metrics(y.cpu(), probs, data.classes)
+def score_held_out(probs: torch.Tensor, y: torch.Tensor, data: PreparedData,
+                   thresholds: list[float] | None = None) -> dict:
+    """Scores of held-out images' predicted probabilities, named as the val metrics without "val_"
+    (multi-label, y [N, C]: at the model's `thresholds`; issue 17)."""
+    if y.ndim == 2:
+        scores = multilabel_metrics(y.cpu(), probs, thresholds or [0.5] * len(data.classes), data.classes)
+    else:
+        scores = classification_metrics(y.cpu(), probs, data.classes)
     renamed = {"val_accuracy": "accuracy", "val_loss": "loss", "num_val_images": "num_images"}
     return {renamed.get(key, key): value for key, value in scores.items()}
 

@@ -79,6 +79,7 @@ from workers.config import TrainConfig
 from workers.errors import JobError
 import workers.training.logistic as logistic
 import workers.training.selection as selection
+import workers.training.semi as semi
 from workers.training.contract import Control, NullControl, PreparedData, TrainResult
 from workers.training.parts import adapt_batchnorm, calibrate_and_score, logits_of
 from workers.training.probe import REUSED_FEATURES, FeatureCache
@@ -101,8 +102,8 @@ DECODE_IMAGES_PER_S = 300.0  # decoding the images again for another backbone's 
 # fine_tune_top: images/s through the top TOP_STAGES stages of Lite0 at 224 px (cached
 # activations). CPU: 256 training, measured inside a default job on bloodcells (2 cores, idle: its
 # 5 folds and refit took 176 s; the bare loop reaches 340-390); predicting is a forward only,
-# about three times as fast. GPU: not yet measured (no session had one; the
-# 7x7 activations cross the host link each batch), set well below the whole-network rate's 10x.
+# about three times as fast. GPU: not yet measured (no session had one; the 7x7 activations cross
+# the host link each batch), set well below the whole-network rate's 10x.
 TOP_TRAIN_IMAGES_PER_S = {"cpu": 256.0, "cuda": 8000.0}
 TOP_INFER_IMAGES_PER_S = {"cpu": 1500.0, "cuda": 20000.0}
 TOP_STAGES = 2
@@ -147,6 +148,7 @@ def candidate(config: TrainConfig, overrides: dict) -> TrainConfig | None:
     merged = {**base, **{k: v for k, v in overrides.items() if k not in user_set or k == "strategy"}}
     merged.pop("time_budget_s", None)
     merged.pop("refit", None)
+    merged.pop("unlabeled", None)  # the search's, not a candidate's (workers/training/semi.py)
     if config.epochs is not None:
         merged["epochs"] = config.epochs
     if merged.get("unfreeze_stages") is not None and merged["strategy"] not in _STAGED:
@@ -263,6 +265,7 @@ class Scored:
     seconds: float
     scored_on: str  # "out of fold" or "val"
     result: TrainResult | None = None  # a model trained on train only (holdout candidates)
+    semi: bool = False  # self-trained on the dataset's unlabeled images too (workers/training/semi.py)
 
 
 def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
@@ -303,6 +306,8 @@ class _Search:
         self.val_rows = torch.arange(len(data.train_y), len(self.y))
         self.primary = _Frozen(config.backbone or DEFAULT_BACKBONE, features, feature_dim, data)
         self.frozen = {self.primary.name: self.primary}  # every backbone the search has features of
+        self.semi_report: dict | None = None  # metrics.semi_supervised (issue 16)
+        self._pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # backbone -> unlabeled features, mirrors
 
     # -- Graft's own split: cross-validate over every labeled image, refit the winner on all --------
 
@@ -312,8 +317,10 @@ class _Search:
         folds = selection.stratified_folds(y, k, config.seed)
         heads = head_candidates(config, cross_validated=True)
         seconds_left = self.budget - modelled_probe_seconds(config, data, self.device_type, heads, k)
+        seconds_left -= self._semi_seconds(heads, k)
+        forced = config.unlabeled == "pseudo_label" and self._pool_size() > 0  # issue 16: self-trained heads only
         top, top_k = None, k
-        for top_k in dict.fromkeys((k, min(k, TOP_MIN_FOLDS))) if heads else ():
+        for top_k in dict.fromkeys((k, min(k, TOP_MIN_FOLDS))) if heads and not forced else ():
             if (top := plan_top(config, len(y), top_k, self.device_type, seconds_left)) is not None:
                 break
         primary = self.primary
@@ -331,13 +338,17 @@ class _Search:
             if (other := self._frozen_at(name)) is not None:
                 self._features(other)
                 scored += self._cv_heads(other_heads, other, y, folds)
+        if (semi_head := self._cv_semi(scored, y, folds)) is not None:
+            scored.append(semi_head)
         # On a CPU fine-tuning the top supersedes a short whole-network fine-tune (cheaper, and
         # hymenoptera's 10-epoch fine_tune scored 0.84 on val where the top scored 0.96 out of fold).
-        holdout = [] if top is not None and self.device_type == "cpu" else \
+        holdout = [] if (top is not None and self.device_type == "cpu") or forced else \
             self._holdout_fine_tunes(bool(scored), seconds_left)
         if not scored and not holdout:
             raise _no_recipe()
         cv_best = scored[selection.select([s.logits for s in scored], y)] if scored else None
+        if forced and semi_head is not None:  # the user asked for pseudo-labels: the self-trained head is the model
+            cv_best = semi_head
         best, selected_on = cv_best, f"{k}-fold stratified cross-validation over all {len(y)} labeled images"
         if top is not None and top_k != k:
             selected_on += f" ({top_k} folds for fine_tune_top, which {k} did not fit in the budget)"
@@ -349,17 +360,140 @@ class _Search:
             selected_on += ", then against fine-tuning candidates on the val split (scored on it only)"
         if best.result is None:  # cross-validated: metrics and estimate over every image, out of fold; refit
             best, target = cv_best, y
-            estimate = {**selection.bbc_estimate([s.logits for s in scored], y, config.seed), "folds": k}
-            classifier = self._refit(best.config, y)
+            chose_from = [best] if forced and best.semi else scored
+            estimate = {**selection.bbc_estimate([s.logits for s in chose_from], y, config.seed), "folds": k}
+            classifier = self._refit_semi(best, y) if best.semi else self._refit(best.config, y)
             trained_on = {"images": len(y), "splits": ["train", "val"]}
         else:  # a fine-tune trained on train, chosen on val
             estimate = {**selection.bbc_estimate([s.logits for s in pool], target, config.seed), "folds": None}
             classifier, trained_on = best.result.classifier, {"images": len(data.train_y), "splits": ["train"]}
         metrics = self._metrics(classifier, best, target, estimate, trained_on)
+        if self.semi_report is not None:
+            metrics["semi_supervised"] = self.semi_report
         report = self._report(best.config, scored + holdout, selected_on)
         if heads and top is None:
             metrics["features_reused"] = all(f.reused for f in self.frozen.values())
         return self._result(classifier, metrics, report, best)
+
+    # -- the unlabeled images (issue 16): self-training of the best logistic head ---------------------
+
+    def _pool_size(self) -> int:
+        if self.data.unlabeled_x is None or self.config.unlabeled == "ignore" or getattr(self.data, "multi_label", False):
+            return 0
+        return len(self.data.unlabeled_x)
+
+    def _semi_seconds(self, heads: list[TrainConfig], folds: int) -> float:
+        """Modelled cost of the unlabeled images' features and the self-training fits (per fold: two
+        inner calibration fits and a fit per round, on labeled + pseudo-labeled rows)."""
+        pool = self._pool_size()
+        if not pool or not heads:
+            return 0.0
+        _, infer_ips = _rates(heads[0], self.device_type)
+        labeled = max(1, len(self.y))
+        return 2 * pool / infer_ips + (3 + semi.ROUNDS) * (folds + 1) * HEAD_FIT_SECONDS * (1 + pool / labeled)
+
+    def _pool_features(self, side: _Frozen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone's features of the unlabeled images and of their mirrors (kept for later jobs
+        of this process on a CPU, as the labeled images' are)."""
+        if side.name in self._pools:
+            return self._pools[side.name]
+        data = side.data
+        pool_x = data.unlabeled_x
+        key = None
+        if data.source_key is not None and data.unlabeled_ids:
+            key = hashlib.sha256(f"{data.source_key}:unlabeled:{','.join(data.unlabeled_ids)}".encode()).hexdigest()
+        pool_data = dataclasses.replace(data, train_x=pool_x, train_y=torch.zeros(len(pool_x), dtype=torch.long),
+                                        val_x=pool_x[:0], val_y=torch.zeros(0, dtype=torch.long), source_key=key,
+                                        unlabeled_x=None, unlabeled_ids=None, at_backbone=None)
+        cache = FeatureCache(side.features, pool_data, self.device, self.control, mirrors=("train",))
+        self.backbone_images += cache.images
+        self._pools[side.name] = (cache.train.float().cpu(), cache.mirror("train").float().cpu())
+        return self._pools[side.name]
+
+    def _cv_semi(self, scored: list[Scored], y: torch.Tensor, folds: torch.Tensor) -> Scored | None:
+        """The best cross-validated logistic head, self-trained on the unlabeled images in each fold
+        (workers/training/semi.py): one more candidate, scored out of fold on labeled images only."""
+        pool_size = self._pool_size()
+        if not pool_size:
+            return None
+        heads = [s for s in scored if s.config.solver == "lbfgs" and s.config.strategy == "linear_probe"]
+        if not heads:
+            self.semi_report = {"used": False, "unlabeled_images": pool_size,
+                                "reason": "no logistic head among the candidates to self-train"}
+            return None
+        base = heads[selection.select([s.logits for s in heads], y)]
+        c, side, k = base.config, self.frozen[base.config.backbone], int(folds.max()) + 1
+        pool, pool_mirror = self._pool_features(side)
+        light = c.augmentation == "light"
+        self.control.progress({"phase": "auto search: self-training", "backbone": side.name, "unit": "folds",
+                               "done": 0, "total": k, "candidate": _describe(c), "unlabeled_images": pool_size})
+        t0 = time.perf_counter()
+        logits = semi.out_of_fold(side.x, side.x_mirror if light else None, y, folds, pool,
+                                  pool_mirror if light else None, len(self.data.classes), c.logistic_c,
+                                  balanced=c.class_weighting == "balanced", tta=bool(c.tta_flip), seed=self.config.seed)
+        self.control.stop_if_asked()
+        scored_semi = Scored(c, logits, torch.arange(len(y)), time.perf_counter() - t0, "out of fold", semi=True)
+        supervised, self_trained = selection.score(base.logits, y)[0], selection.score(logits, y)[0]
+        self.semi_report = {"used": False, "unlabeled_images": pool_size, "candidate": _describe(c),
+                            "out_of_fold_accuracy": {"supervised": round(supervised, 6),
+                                                     "self_trained": round(self_trained, 6)},
+                            "reason": "cross-validation preferred another candidate"}
+        return self._finished([scored_semi], phase="auto search: self-training", backbone=side.name, done=k)[0]
+
+    def _val_semi(self, scored: list[Scored], caches: dict[str, FeatureCache]) -> Scored | None:
+        """With a val split you gave: the best logistic head on val, self-trained on the train images
+        and the unlabeled ones, scored on val (which it never trains or calibrates on)."""
+        pool_size = self._pool_size()
+        if not pool_size:
+            return None
+        heads = [s for s in scored if s.config.solver == "lbfgs" and s.config.strategy == "linear_probe"]
+        if not heads:
+            self.semi_report = {"used": False, "unlabeled_images": pool_size,
+                                "reason": "no logistic head among the candidates to self-train"}
+            return None
+        target = self.data.val_y.cpu()
+        base = heads[selection.select([s.logits for s in heads], target)]
+        c, side = base.config, self.frozen[base.config.backbone]
+        cache = caches[side.name]
+        pool, pool_mirror = self._pool_features(side)
+        light = c.augmentation == "light"
+        self.control.progress({"phase": "auto search: self-training", "backbone": side.name, "unit": "candidates",
+                               "done": 0, "total": 1, "candidate": _describe(c), "unlabeled_images": pool_size})
+        t0 = time.perf_counter()
+        trained = semi.self_train(cache.train.float().cpu(), cache.mirror("train").float().cpu() if light else None,
+                                  side.data.train_y.cpu(), pool, pool_mirror if light else None,
+                                  len(self.data.classes), c.logistic_c, c.class_weighting == "balanced", self.config.seed)
+        logits = logistic.head_logits(trained.fit, cache.val.float().cpu(),
+                                      cache.mirror("val").float().cpu() if c.tta_flip else None)
+        classifier = logistic_classifier(side.features, side.feature_dim, trained.fit, c)
+        result = TrainResult(classifier, {"best_epoch": 1, "epochs_run": 1}, [], c.model_dump())
+        scored_semi = Scored(c, logits, self.val_rows, time.perf_counter() - t0, "val", result, semi=True)
+        self._semi_trained = semi.summary(trained, self.data.classes, pool_size)
+        self.semi_report = {"used": False, "unlabeled_images": pool_size, "candidate": _describe(c),
+                            "val_accuracy": {"supervised": round(selection.score(base.logits, target)[0], 6),
+                                             "self_trained": round(selection.score(logits, target)[0], 6)},
+                            "reason": "the val split preferred another candidate"}
+        return self._finished([scored_semi], phase="auto search: self-training", backbone=side.name, done=1)[0]
+
+    def _refit_semi(self, best: Scored, y: torch.Tensor, cache: FeatureCache | None = None) -> Classifier:
+        """The self-trained winner refitted on every labeled image and the whole unlabeled pool (the
+        labeled images' features from `cache` when the split was yours: train, then val)."""
+        c, side = best.config, self.frozen[best.config.backbone]
+        pool, pool_mirror = self._pool_features(side)
+        x, x_mirror = side.x, side.x_mirror
+        if cache is not None:
+            x = torch.cat([cache.train, cache.val]).float().cpu()
+            x_mirror = torch.cat([cache.mirror("train"), cache.mirror("val")]).float().cpu()
+        self.control.progress({"phase": "auto refit", "backbone": c.backbone, "images": len(y),
+                               "unlabeled_images": len(pool), "candidate": _describe(c)})
+        light = c.augmentation == "light"
+        trained = semi.self_train(x, x_mirror if light else None, y, pool, pool_mirror if light else None,
+                                  len(self.data.classes), c.logistic_c, c.class_weighting == "balanced",
+                                  self.config.seed)
+        kept = {k: v for k, v in (self.semi_report or {}).items()
+                if k in ("candidate", "out_of_fold_accuracy", "val_accuracy")}
+        self.semi_report = {**semi.summary(trained, self.data.classes, len(pool)), **kept}
+        return logistic_classifier(side.features, side.feature_dim, trained.fit, c)
 
     def _other_backbones(self, heads: list[TrainConfig], seconds_left: float, folds: int = 1):
         """(backbone, its head candidates, seconds left after it) for each backbone auto may also
@@ -556,22 +690,37 @@ class _Search:
         for name, other_heads, seconds_left in self._other_backbones(heads, seconds_left):
             if (other := self._frozen_at(name)) is not None:
                 scored += self._val_heads(other_heads, other, caches)
-        scored += self._holdout_fine_tunes(bool(heads), seconds_left)
+        forced = config.unlabeled == "pseudo_label" and self._pool_size() > 0  # issue 16
+        if (semi_head := self._val_semi(scored, caches)) is not None:
+            scored.append(semi_head)
+        if not forced:
+            scored += self._holdout_fine_tunes(bool(heads), seconds_left)
         if not scored:
             raise _no_recipe()
         target = data.val_y.cpu()
         best = scored[selection.select([s.logits for s in scored], target)]
-        estimate = selection.bbc_estimate([s.logits for s in scored], target, config.seed)
+        if forced and semi_head is not None:  # the user asked for pseudo-labels: the self-trained head is the model
+            best = semi_head
+        estimate = selection.bbc_estimate([s.logits for s in ([best] if forced and best.semi else scored)], target,
+                                          config.seed)
         estimate["folds"] = None
         refit = bool(config.refit)
-        if refit:
+        if refit and best.semi:
+            classifier = self._refit_semi(best, torch.cat([data.train_y, data.val_y]).cpu(), caches[best.config.backbone])
+            trained_on = {"images": len(data.train_y) + len(data.val_y), "splits": ["train", "val"]}
+        elif refit:
             classifier = self._refit_on_train_and_val(best, caches.get(best.config.backbone))
             trained_on = {"images": len(data.train_y) + len(data.val_y), "splits": ["train", "val"]}
         else:
             classifier = best.result.classifier
             trained_on = {"images": len(data.train_y), "splits": ["train"]}
+            if best.semi:
+                self.semi_report = {**self._semi_trained, **{k: v for k, v in self.semi_report.items()
+                                                           if k in ("candidate", "val_accuracy")}}
         metrics = self._metrics(classifier, best, target, estimate, trained_on)
         report = self._report(best.config, scored, "the val split you gave")
+        if self.semi_report is not None:
+            metrics["semi_supervised"] = self.semi_report
         if caches:
             metrics["features_reused"] = all(c.reused for c in caches.values())
         return self._result(classifier, metrics, report, best)
@@ -645,7 +794,8 @@ class _Search:
         def entry(s: Scored) -> dict:
             acc, neg_nll = selection.score(s.logits, self.y[s.rows])
             return {"recipe": _describe(s.config), "val_accuracy": round(acc, 6), "val_loss": round(-neg_nll, 6),
-                    "scored_on": s.scored_on, "images": len(s.rows), "seconds": round(s.seconds, 3)}
+                    "scored_on": s.scored_on, "images": len(s.rows), "seconds": round(s.seconds, 3),
+                    **({"unlabeled": "pseudo_label"} if s.semi else {})}
         return {"chosen": chosen.model_dump(), "budget_s": self.budget,
                 "search_seconds": round(time.perf_counter() - self.started, 3), "device": self.device_type,
                 "selected_on": selected_on + "; accuracy, then NLL", "skipped_for_time": self.skipped,
@@ -674,8 +824,22 @@ class _Search:
         result = TrainResult(classifier.to("cpu").float(), metrics, history, best.config.model_dump(), pre)
         # Issue 19: the winner's out-of-sample logits over its rows are the model's held-out predictions.
         from workers.training.contract import HeldOut
-        result.held_out = HeldOut(best.logits.float().cpu(), self.y[best.rows], best.rows.cpu(), best.scored_on)
+        result.held_out = HeldOut(best.logits.float().cpu(), self.y[best.rows], best.rows.cpu(), best.scored_on,
+                                  features=self._frozen_features(best, chosen))
         return result
+
+    @staticmethod
+    def _frozen_features(best: Scored, chosen: _Frozen) -> torch.Tensor | None:
+        """Issue 17: the pooled frozen features a winning head reads (as served), for its OOD score;
+        None when the winner tuned its backbone."""
+        if best.config.strategy != "linear_probe":
+            return None
+        if best.result is not None and best.result.held_out is not None:
+            return best.result.held_out.features  # chosen on the user's val split: train_recipe's cache
+        if chosen.x is None:
+            return None
+        from workers.ood import served_features
+        return served_features(chosen.x, chosen.x_mirror if best.config.tta_flip else None)
 
 
 def logistic_classifier(features: nn.Module, feature_dim: int, fit: logistic.LinearMap, c: TrainConfig) -> Classifier:

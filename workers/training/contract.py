@@ -73,6 +73,13 @@ class PreparedData:
     # backbone's pristine features: what lets auto choose the backbone. Given by the worker;
     # None where the images cannot be decoded again (auto then keeps this backbone).
     at_backbone: Callable[[str], tuple[PreparedData, nn.Module]] | None = field(default=None, repr=False)
+    # Issue 16: the dataset's unlabeled images (uint8 squares, their sha256s), when the job may learn
+    # from them; never in a split, never scored (workers/training/semi.py).
+    unlabeled_x: torch.Tensor | None = field(default=None, repr=False)
+    unlabeled_ids: list[str] | None = None
+    # Issue 17: each image has any of the classes; train_y, val_y, test_y are float [N, classes] of
+    # 0/1 (workers/training/multilabel.py), not class indices.
+    multi_label: bool = False
 
     def on(self, device: torch.device, share_of_free: float = 0.25) -> PreparedData:
         """The images moved to a GPU when they take at most `share_of_free` of its free memory, so
@@ -112,6 +119,10 @@ class HeldOut:
     y: torch.Tensor  # [N] true labels
     rows: torch.Tensor  # [N] positions in the pooled images: train, then val (PreparedData order)
     predictions: str  # "val" or "out of fold"
+    # Issue 17: the head's input features of every pooled image (train, then val; [N_pooled, D],
+    # mirror-averaged when the model averages mirrors), when its backbone is the frozen one they
+    # were computed with (heads on frozen features); None otherwise. The OOD score is fitted on them.
+    features: torch.Tensor | None = None
 
 
 @dataclass

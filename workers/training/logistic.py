@@ -49,7 +49,8 @@ class LogisticPath:
     """Fits along a grid of C on one training set, each fit warm-started from the previous one
     (a smaller C's solution is a good start for the next: 2-3x fewer iterations)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, balanced: bool = False):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, balanced: bool = False,
+                 sample_weight: torch.Tensor | None = None):
         x64 = x.detach().double().cpu().numpy()
         self.mean = x64.mean(axis=0)
         # A feature constant over the training set carries nothing: scale 1 keeps it harmless.
@@ -57,6 +58,8 @@ class LogisticPath:
         self.std = np.where(std > 1e-12, std, 1.0)
         self.z = (x64 - self.mean) / self.std
         self.y = y.detach().cpu().numpy()
+        # Per-image weights (pseudo-labels weigh less than labels: workers/training/semi.py).
+        self.sample_weight = None if sample_weight is None else sample_weight.detach().double().cpu().numpy()
         self.num_classes = num_classes
         self.model = LogisticRegression(C=1.0, solver="lbfgs", max_iter=MAX_ITER, tol=TOL, warm_start=True,
                                         class_weight="balanced" if balanced else None)
@@ -68,7 +71,7 @@ class LogisticPath:
         with warnings.catch_warnings(), threadpool_limits(1):
             # Not converged to 1e-4 after MAX_ITER steps changes no prediction worth a warning in a job log.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.model.fit(self.z, self.y)
+            self.model.fit(self.z, self.y, sample_weight=self.sample_weight)
         return self._linear_map()
 
     def _linear_map(self) -> LinearMap:

@@ -145,6 +145,9 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def make_criterion(config: TrainConfig, train_y: torch.Tensor, num_classes: int,
                    device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if train_y.ndim == 2:  # multi-label (issue 17): a sigmoid per label, binary cross-entropy
+        from workers.training.multilabel import bce_criterion
+        return bce_criterion(config, train_y, device)
     weight = class_weights(train_y, num_classes).to(device) if config.class_weighting == "balanced" else None
     smoothing = config.label_smoothing or 0.0
 
@@ -205,9 +208,11 @@ def make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps:
 
 
 def _score(report: dict, monitor: str) -> tuple[float, float]:
-    """Larger is better; ties on accuracy go to the lower loss."""
+    """Larger is better; ties on accuracy go to the lower loss (multi-label: mAP, not accuracy)."""
     if monitor == "val_loss":
-        return (-report["val_loss"], report["val_accuracy"])
+        return (-report["val_loss"], report.get("val_map", report["val_accuracy"]))
+    if "val_map" in report:
+        return (report["val_map"], -report["val_loss"])
     return (report["val_accuracy"], -report["val_loss"])
 
 
@@ -262,6 +267,10 @@ class EarlyStopping:
 def epoch_report(epoch: int, epochs: int, train_loss: float, val_logits: torch.Tensor,
                   val_y: torch.Tensor, lr: float) -> dict:
     val_logits, val_y = val_logits.float().cpu(), val_y.cpu()
+    if val_y.ndim == 2:  # multi-label (issue 17): BCE, subset accuracy at 0.5 and macro mAP
+        from workers.training.multilabel import multilabel_epoch_scores
+        return {"epoch": epoch, "epochs": epochs, "train_loss": round(train_loss, 6),
+                **multilabel_epoch_scores(val_logits, val_y), "lr": float(f"{lr:.6g}")}
     val_loss = float(F_nn.cross_entropy(val_logits, val_y))
     val_acc = float((val_logits.argmax(1) == val_y).float().mean())
     return {"epoch": epoch, "epochs": epochs, "train_loss": round(train_loss, 6),
@@ -283,8 +292,13 @@ def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None
 
 
 def calibrate_and_score(classifier: Classifier, val_logits: torch.Tensor, val_y: torch.Tensor,
-                        classes: list[str]) -> dict:
-    """Fit the temperature on the val logits, set it on the classifier, and score calibrated probs."""
+                        classes: list[str], target_precision: float | None = None) -> dict:
+    """Fit the temperature on the val logits, set it on the classifier, and score calibrated probs.
+    Multi-label (val_y [N, C]; issue 17): per-label calibration and thresholds instead
+    (`target_precision`: the precision each label's threshold must reach, else the best F1)."""
+    if val_y.ndim == 2:
+        from workers.training.multilabel import calibrate_and_score_multilabel
+        return calibrate_and_score_multilabel(classifier, val_logits, val_y, classes, target_precision, "val")
     val_logits, val_y = val_logits.float().cpu(), val_y.cpu()
     temperature = fit_temperature(val_logits, val_y)
     classifier.temperature = temperature

@@ -97,6 +97,14 @@ class FeatureCache:
         return self._entry[name]
 
 
+def pooled_features(cache: FeatureCache, tta_flip: bool) -> torch.Tensor:
+    """The frozen features of train then val on the host, mirror-averaged when the model averages
+    mirrors: what a head on them reads at /predict (issue 17's out-of-distribution score)."""
+    from workers.ood import served_features
+    mirrored = torch.cat([cache.mirror("train"), cache.mirror("val")]).cpu() if tta_flip else None
+    return served_features(torch.cat([cache.train, cache.val]).cpu(), mirrored)
+
+
 class ReusedFeatures:
     """Features computed on this process's CPU, by (images and split, backbone weights, crop size);
     least recently used dropped first past `max_bytes`. Keyed by content, so different weights (a
@@ -200,6 +208,9 @@ def fit_logistic_head(config: TrainConfig, classifier: Classifier, cache: Featur
                       val_y: torch.Tensor, control: Control) -> tuple[list[dict], torch.Tensor, int]:
     """solver "lbfgs": logistic regression (workers/training/logistic.py) fitted once, folded into the
     linear head; its history is that one fit, scored on val."""
+    if train_y.ndim == 2:  # multi-label (issue 17): one binary logistic regression per label
+        from workers.training.multilabel import fit_ovr_head
+        return fit_ovr_head(config, classifier, cache, train_y, val_y, control)
     mirror = cache.mirror("train").cpu() if config.augmentation == "light" else None
     meter = PhaseMeter(control, "training", 1, "fits", solver="lbfgs")
     x, y = logistic.training_set(cache.train.cpu(), train_y.cpu(), mirror)

@@ -13,7 +13,7 @@ from workers.device import single_thread
 from workers.training.contract import Control, HeldOut, PreparedData, TrainResult
 from workers.training.finetune import fine_tune
 from workers.training.parts import adapt_batchnorm, best_report, calibrate_and_score, logits_of
-from workers.training.probe import FeatureCache, fit_head
+from workers.training.probe import FeatureCache, fit_head, pooled_features
 from workers.training.top import fine_tune_top
 
 
@@ -54,7 +54,7 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
         val_logits = logits_of(classifier, data.val_x, data.preprocessing, device, control, bool(config.tta_flip))
     seconds = time.perf_counter() - started
     with single_thread(device):
-        metrics = calibrate_and_score(classifier, val_logits, data.val_y, data.classes)
+        metrics = calibrate_and_score(classifier, val_logits, data.val_y, data.classes, config.target_precision)
     best = best_report(history, config.monitor)
     metrics.update(best_epoch=best["epoch"], epochs_run=len(history),
                    stopped_early=len(history) < (config.epochs or 0),
@@ -68,7 +68,7 @@ def train_recipe(config: TrainConfig, data: PreparedData, features: nn.Module, f
         metrics["features_reused"] = cache.reused  # from an earlier job on the same images and weights
     n_train = len(data.train_y)
     held_out = HeldOut(val_logits.float().cpu(), data.val_y.cpu(), torch.arange(n_train, n_train + len(data.val_y)),
-                       "val")
+                       "val", features=pooled_features(cache, bool(config.tta_flip)) if cache is not None else None)
     return TrainResult(classifier.to("cpu").float(), metrics, history, config.model_dump(), held_out=held_out)
 
 

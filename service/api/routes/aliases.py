@@ -11,7 +11,7 @@ from service.api.auth import PredictCaller, TrainCaller
 from service.api.deps import (InferenceDep, ModelCacheDep, RateLimiterDep, ReadSessionDep, SessionDep,
                               SettingsDep)
 from service.api.routes._multipart import require_multipart
-from service.api.routes.models import count_predict, predict_files
+from service.api.routes.models import MinScore, count_predict, predict_files
 from service.api.schemas import AliasMoveOut, AliasOut, AliasPredictResponse, AliasPut
 from service.datasets.catalog import ready_model, stored_model_errors
 from service.store import aliases
@@ -36,14 +36,15 @@ def alias_history(name: str, caller: TrainCaller, session: SessionDep) -> list[A
 def predict_through_alias(name: str, caller: PredictCaller, session: ReadSessionDep, cache: ModelCacheDep,
                           settings: SettingsDep, limiter: RateLimiterDep, engine: InferenceDep,
                           file: Annotated[list[UploadFile], File(description="one or more images")],
-                          top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> AliasPredictResponse:
+                          top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
+                          min_score: MinScore = None) -> AliasPredictResponse:
     """Predict as POST /v1/models/{id}/predict does, with the model the alias points at when this
     request starts (a move meanwhile does not change it); model_id names that model."""
     caller.require_alias(aliases.check_name(name))
     count_predict(caller, session, settings, limiter)
     row = session.get(Model, aliases.get_or_404(session, caller.project_id, name).model_id)
     return AliasPredictResponse(alias=name, model_id=row.id,
-                                results=predict_files(row, file, top_k, cache, engine, settings))
+                                results=predict_files(row, file, top_k, cache, engine, settings, min_score))
 
 
 @router.get("/{name:path}")

@@ -7,9 +7,10 @@ from service.datasets import catalog
 from service.api.auth import TrainCaller
 from service.api.deps import BlobsDep, RateLimiterDep, SessionDep, SettingsDep
 from service.datasets.ingest import ingest_zip
+from service.datasets.multilabel import shown_label
 from service.datasets.names import clean_filename, clean_text
 from service.api.routes._multipart import require_multipart
-from service.api.schemas import DatasetImageOut, DatasetOut, DatasetReport
+from service.api.schemas import DatasetImageOut, DatasetOut, DatasetReport, ImageLabel, ImageLabels
 from service.store.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -65,20 +66,25 @@ def get_report(dataset_id: str, caller: TrainCaller, session: SessionDep, settin
 @router.get("/{dataset_id}/images")
 def list_images(dataset_id: str, caller: TrainCaller, session: SessionDep, label: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> list[DatasetImageOut]:
-    """The dataset's images in upload order; an image's id is the sha256 of its bytes."""
-    return [DatasetImageOut(id=row.sha256, label=row.label, split=row.split, original_name=row.original_name,
+                offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+                unlabeled: Annotated[bool | None, Query(description="true: only unlabeled images; false: only "
+                                                                    "labeled ones")] = None) -> list[DatasetImageOut]:
+    """The dataset's images in upload order; an image's id is the sha256 of its bytes (label null: unlabeled)."""
+    return [DatasetImageOut(id=row.sha256, label=shown_label(row) or None, labels=row.labels, split=row.split,
+                            original_name=row.original_name,
                             width=row.width, height=row.height, mode=row.mode, format=row.format)
-            for row in catalog.list_images(session, dataset_id, label, limit, offset, caller.project_id)]
+            for row in catalog.list_images(session, dataset_id, label, limit, offset, caller.project_id, unlabeled)]
 
 
 @router.post("/{dataset_id}/images", dependencies=[Depends(require_multipart)])
 def add_images(dataset_id: str, caller: TrainCaller, session: SessionDep, blobs: BlobsDep, settings: SettingsDep,
                limiter: RateLimiterDep,
                file: Annotated[list[UploadFile], File(description="one or more images")],
-               label: Annotated[str, Form(min_length=1, max_length=1000)],
+               label: Annotated[str | None, Form(min_length=1, max_length=1000, description=(
+                   "the images' class; leave it out to add them unlabeled (label them later with PATCH)"))] = None,
                split: Annotated[Split | None, Form()] = None) -> DatasetOut:
-    """Add images under one label. A dataset a job has used is frozen: the answer is then its next version."""
+    """Add images under one label, or unlabeled. A dataset a job has used is frozen: the answer is then its
+    next version."""
     limiter.hit(caller.project_id, "upload",
                 quotas.quota(session, settings, caller.project_id, "upload_rate_per_minute"))
     with blobs.staging(settings.tmp_dir) as stage:
@@ -95,3 +101,20 @@ def remove_image(dataset_id: str, caller: TrainCaller, session: SessionDep, sett
     """Remove one image. A dataset a job has used is frozen: the answer is then its next version."""
     return dataset_out(session, catalog.remove_image(session, dataset_id, image_id, settings, caller.project_id),
                        settings)
+
+
+@router.patch("/{dataset_id}/images/{image_id}")
+def label_image(dataset_id: str, body: ImageLabel, caller: TrainCaller, session: SessionDep, settings: SettingsDep,
+                image_id: Annotated[str, Path(description="the image's id (sha256) from GET .../images")]) -> DatasetOut:
+    """Label one image (or unlabel it: null). A dataset a job has used is frozen: the answer is then its next version."""
+    return dataset_out(session, catalog.label_images(session, dataset_id, [(image_id, body.label)], body.create_class,
+                                                     settings, caller.project_id), settings)
+
+
+@router.patch("/{dataset_id}/images")
+def label_images(dataset_id: str, body: ImageLabels, caller: TrainCaller, session: SessionDep,
+                 settings: SettingsDep) -> DatasetOut:
+    """Label several images in one change (one new version at most, when a job has used the dataset)."""
+    changes = [(change.id, change.label) for change in body.images]
+    return dataset_out(session, catalog.label_images(session, dataset_id, changes, body.create_class, settings,
+                                                     caller.project_id), settings)

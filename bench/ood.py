@@ -12,6 +12,11 @@ image and its mirror are computed once in this process and handed to the worker'
 score and its threshold are fitted by the same call the worker makes (`training.fit_unknown`, on
 the held-out out-of-fold predictions only).
 
+With `--top`, one more model: bloodcells trained by `auto` from its decoded train/ pixels with the
+default budget, as a CPU job runs it, so that it fine-tunes the top of the network
+(fine_tune_top); its cosine score comes from each fold's own network (workers/training/auto.py
+`_cv_top`), and it scores through the tuned network's own forward (about 4 more minutes).
+
 Then each model scores, as /predict does (`OutOfDistribution.score` on the served logits and
 features, mirror-averaged): its own val/ images (never uploaded: in distribution) and the other
 data set's val/ images (foreign). Reported per score kind (workers/ood.MEASURED_KINDS, each with
@@ -108,6 +113,30 @@ def trained(name: str, upload: dict, pre, backbone) -> tuple:
     return result, data, time.perf_counter() - t0
 
 
+def trained_top(upload: dict, x: torch.Tensor, pre, backbone) -> tuple:
+    """bloodcells' model from its pixels (Graft's own split), auto at the default budget."""
+    config = TrainConfig(strategy="auto", backbone=BACKBONE)
+    splits = stratified_split(upload["y"].tolist(), config.val_fraction, config.seed)
+    tr = torch.tensor([s == "train" for s in splits])
+    n_train = int(tr.sum())
+    order = torch.cat([torch.nonzero(tr).flatten(), torch.nonzero(~tr).flatten()])
+    y, x = upload["y"][order], x[order]
+    data = PreparedData(class_names(upload), pre, x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+                        source_key="bench-ood-top", val_given=False)
+    t0 = time.perf_counter()
+    result = train(config, data, backbone, get_backbone(BACKBONE).feature_dim, NullControl(), torch.device("cpu"))
+    return result, data, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def network_split(classifier, x_u8: torch.Tensor, pre) -> dict[str, torch.Tensor]:
+    """A split seen through a tuned network: its own features of each eval crop and its mirror."""
+    crops = eval_crop(x_u8, pre)
+    cpu = torch.device("cpu")
+    return {"f": features_of(classifier.features, crops, pre, cpu, NullControl()),
+            "fm": features_of(classifier.features, crops, pre, cpu, NullControl(), mirrored=True)}
+
+
 @torch.no_grad()
 def served_scores(classifier, ood, split: dict) -> torch.Tensor:
     """What /predict computes: head logits, mirror-averaged, then the score (engine._forward)."""
@@ -124,6 +153,8 @@ def measure(result, data, own_val: dict, foreign: dict) -> dict:
     for kind in MEASURED_KINDS:
         if kind in ("cosine", "mahalanobis") and held.features is None:
             continue
+        if kind == "mahalanobis" and held.feature_scores is not None:
+            continue  # a tuned network's held-out features are its folds': only cosine is fitted from them
         ood = classifier.ood if classifier.ood is not None and classifier.ood.kind == kind else \
             fit_ood(held, data.classes, float(classifier.temperature), held.features, pooled_y, kind=kind)
         own, other = served_scores(classifier, ood, own_val), served_scores(classifier, ood, foreign)
@@ -140,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cache", type=Path, help="keep decoded images and features here between runs")
+    parser.add_argument("--top", action="store_true", help="also bloodcells' fine_tune_top model (about 4 min)")
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -161,6 +193,17 @@ def main() -> None:
                  **measure(result, data, sets[name]["val"], sets[other]["val"])}
         report["models"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
+    if args.top:
+        x = {split: decoded(SHARED / "bloodcells" / split, pre)[0] for split in ("train", "val")}
+        hym_val = decoded(SHARED / "hymenoptera" / "val", pre)[0]
+        result, data, train_s = trained_top(sets["bloodcells"]["train"], x["train"], pre, backbone)
+        own = network_split(result.classifier, x["val"], pre)
+        foreign = network_split(result.classifier, hym_val, pre)
+        entry = {"recipe": {k: result.recipe.get(k) for k in ("strategy", "unfreeze_stages", "epochs", "tta_flip")},
+                 "train_s": round(train_s, 1), "own_val_images": len(x["val"]), "foreign": "hymenoptera",
+                 "foreign_images": len(hym_val), **measure(result, data, own, foreign)}
+        report["models"]["bloodcells, auto from pixels"] = entry
+        print(json.dumps({"bloodcells, auto from pixels": entry}, indent=1), flush=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))

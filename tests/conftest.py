@@ -93,7 +93,9 @@ def s3_settings(s3_endpoint, tmp_path, monkeypatch) -> Settings:
     for name, value in s3_env(s3_endpoint).items():
         monkeypatch.setenv(name, value)
     s = Settings(data_dir=tmp_path / "data", storage_url=f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}",
-                 heartbeat_interval_s=0.5, poll_interval_s=0.1, retry_backoff_s=0.0, storage_timeout_s=2.0,
+                 # 2 s heartbeats: a job is stale after 6 s. At 0.5 s a loaded CI machine re-queued a
+                 # batch prediction while its worker was still fetching the model from the bucket.
+                 heartbeat_interval_s=2.0, poll_interval_s=0.1, retry_backoff_s=0.0, storage_timeout_s=2.0,
                  storage_max_attempts=1, storage_retry_after_s=1.0)
     s.ensure_dirs()
     upgrade(s.database_url)

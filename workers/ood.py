@@ -12,13 +12,14 @@ The score kinds (measured on hymenoptera and bloodcells, docs/benchmarks.md "Out
   the model averages mirrors, centred on the training images' mean and L2-normalised; the score is
   the largest cosine similarity to a user class's mean direction. It needs the features of the
   held-out images, so it is fitted for heads on the frozen backbone (linear probes, auto's logistic
-  heads), whose served features are exactly those. Held out means: with a val split, the class
-  means come from the train images and the val images are scored; out of fold, the class means of
-  each image come from the other folds (`FEATURE_FOLDS`, stratified, seeded). The stored means are
-  then those of every training image. Parameters: `center` [D] and `means` [classes, D], kept in
+  heads), whose served features are exactly those, and for auto's fine_tune_top, whose folds each
+  score their held-out images with their own network (`fold_cosine_scores`). Held out means: with
+  a val split, the class means come from the train images and the val images are scored; out of
+  fold, the class means of each image come from the other folds (`FEATURE_FOLDS`, stratified,
+  seeded). The stored means are then those of every training image. Parameters: `center` [D] and `means` [classes, D], kept in
   the model's weights file (so its sha256 covers them).
 - "energy": T * logsumexp(logits / T) with the model's temperature T (Liu et al. 2020): from the
-  held-out logits alone, so it is fitted for every recipe (fine-tuned backbones too).
+  held-out logits alone, so it is fitted for every other recipe (fine-tuned backbones).
 - "max_probability": the calibrated top probability; measured, never chosen (the weakest of the
   three on both data sets); still read from a manifest that names it.
 - "mahalanobis" (shared covariance, shrunk): measured for the choice only; not stored.
@@ -195,6 +196,14 @@ def stratified_folds(y: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return folds
 
 
+def fold_cosine_scores(fit_feats: torch.Tensor, fit_y: torch.Tensor, out_feats: torch.Tensor,
+                       classes: list[str]) -> torch.Tensor:
+    """"cosine" scores of a fold's held-out images under the fold's model: its features of them
+    against the centre and class means of its features of the images it trained on."""
+    users = [int(c) for c in user_class_index(classes) if bool((fit_y == c).any())]
+    return cosine_score(out_feats, cosine_parameters(fit_feats, fit_y, users))
+
+
 def held_out_feature_scores(kind: str, feats: torch.Tensor, y: torch.Tensor, users: list[int],
                             scored: torch.Tensor, fit_rows: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
     """Scores of the rows `scored` (positions into feats), each from statistics that never saw it:
@@ -248,7 +257,11 @@ def fit_ood(held_out, classes: list[str], temperature: float, features: torch.Te
             trained &= torch.isin(pooled_y, torch.tensor(users))
             fit_rows = torch.nonzero(trained).flatten()
             fit_rows = fit_rows if len(fit_rows) else None
-        scores = held_out_feature_scores(kind, features, pooled_y, users, rows, fit_rows, seed)
+        if kind == "cosine" and getattr(held_out, "feature_scores", None) is not None:
+            scores = held_out.feature_scores[in_dist]  # each by a fold's model that never trained on it
+            details["scored_by"] = "each fold's own model"
+        else:
+            scores = held_out_feature_scores(kind, features, pooled_y, users, rows, fit_rows, seed)
         fitted = FEATURE_FIT[kind][0]
         if fit_rows is None:  # out of fold: the served statistics are those of all the rows
             params = fitted(features[rows], pooled_y[rows], users)

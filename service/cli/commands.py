@@ -432,6 +432,10 @@ def _show_metrics(model: dict) -> None:
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
         if test.get(key) is not None:
             summary.add_row(f"test_{key}", f"{test[key]:.4f}")
+    ood = m.get("ood")  # issue 17: predict answers unknown below this score
+    if ood:
+        summary.add_row("unknown below", f"{ood['kind']} score {ood['threshold']:.4f} "
+                        f"({ood['held_out_pass_rate']:.0%} of held-out images pass)")
     out.print(summary)
     per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
     for label, c in m.get("per_class", {}).items():
@@ -650,7 +654,6 @@ def _status(status: str) -> str:
 
 def _when(iso: str) -> str:
     return iso.replace("T", " ")[:19]
-
 
 
 @app.command()

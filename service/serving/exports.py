@@ -211,6 +211,10 @@ def usage_text(manifest: dict) -> str:
             "c = p['input_size']; left, top = (img.width - c) // 2, (img.height - c) // 2\n"
             "x = np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / 255\n"
             "x = ((x - p['mean']) / p['std']).transpose(2, 0, 1)[None].astype(np.float32)\n"
-            "logits, probs = ort.InferenceSession('model.onnx').run(None, {'input': x})\n"
-            "print(m['classes'][int(probs[0].argmax())], float(probs[0].max()))\n```\n")
+            "outputs = ort.InferenceSession('model.onnx').run(None, {'input': x})\n"
+            "probs = outputs[1]  # [logits, probabilities] (, ood_score when the model keeps one)\n"
+            "print(m['classes'][int(probs[0].argmax())], float(probs[0].max()))\n"
+            "ood = m['export'].get('ood')  # \"none of these\": unknown below its threshold\n"
+            "if ood and float(outputs[2][0]) < ood['threshold']:\n"
+            "    print('unknown: none of the classes')\n```\n")
     return text

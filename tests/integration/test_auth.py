@@ -122,6 +122,10 @@ def request_kwargs(method: str, path: str, ids: dict) -> dict:
         return {"json": {"url": "http://127.0.0.1:9/a", "events": ["alias.moved"]}}
     if path.endswith("/batch-predictions") and method == "POST":
         return {"json": {"dataset_id": ids["dataset_id"]}}
+    if path.endswith("/images") and method == "PATCH":  # label several images
+        return {"json": {"images": [{"id": ids["image_id"], "label": "ants"}]}}
+    if path.endswith("/images/{image_id}") and method == "PATCH":  # label one image
+        return {"json": {"label": "ants"}}
     if path == "/v1/projects/{project_id}" and method == "PATCH":
         return {"json": {"quotas": {"max_datasets": 0}}}
     return {}

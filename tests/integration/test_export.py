@@ -135,7 +135,8 @@ def test_export_endpoint_gives_a_zip_whose_onnx_answers_like_predict(trained, tm
     from workers.backbones import Preprocessing
 
     x = batch_of(photos, Preprocessing.from_dict(manifest["preprocessing"])).numpy()
-    _, probs = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"input": np.ascontiguousarray(x)})
+    # logits, probabilities (and the OOD score, for models that keep one)
+    probs = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"input": np.ascontiguousarray(x)})[1]
     for result, row in zip(answer["results"], probs):
         served = {p["label"]: p["score"] for p in result["predictions"]}
         assert max(abs(served[c] - float(row[i])) for i, c in enumerate(manifest["classes"])) < 1e-4

@@ -27,7 +27,7 @@ def client(settings):
 
 @pytest.mark.parametrize("method, path, allowed", [
     ("DELETE", "/v1/datasets", "GET, POST"),  # two routes share the path: both are named
-    ("PUT", "/v1/datasets/some-id/images", "GET, POST"),
+    ("PUT", "/v1/datasets/some-id/images", "GET, POST, PATCH"),
     ("POST", "/healthz", "GET"),
     ("PATCH", "/v1/models/some-id/export", "GET"),
 ])

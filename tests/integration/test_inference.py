@@ -242,7 +242,7 @@ def test_without_a_window_requests_that_arrive_during_a_forward_share_the_next_o
         while not counter.batches:  # the first forward is running (and pausing)
             time.sleep(0.01)
         rest = [engine.submit(probe, crops) for _ in range(3)]
-        results = [f.result(timeout=30) for f in (first, *rest)]
+        results = [f.result(timeout=30)[0] for f in (first, *rest)]  # (probabilities, OOD scores)
     finally:
         engine.stop()
         counter.remove()
@@ -263,9 +263,9 @@ def test_on_a_cpu_a_second_forward_runs_while_the_first_does(served):
         while not slow.batches:  # the first forward is running (and pausing)
             time.sleep(0.01)
         second = engine.submit(own, crops_of(own, PHOTOS[1:2]))
-        assert torch.allclose(second.result(timeout=30), today(own, PHOTOS[1:2]), atol=1e-5)
+        assert torch.allclose(second.result(timeout=30)[0], today(own, PHOTOS[1:2]), atol=1e-5)
         assert not first.done(), "the second answer came while the first forward still ran"
-        assert torch.allclose(first.result(timeout=30), today(probe, PHOTOS[:1]), atol=1e-5)
+        assert torch.allclose(first.result(timeout=30)[0], today(probe, PHOTOS[:1]), atol=1e-5)
     finally:
         engine.stop()
         slow.remove()

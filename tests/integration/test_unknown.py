@@ -28,8 +28,8 @@ from workers.backbones import Preprocessing, get_backbone
 from workers.worker import Worker
 
 BLOODCELLS = HYMENOPTERA.parent / "bloodcells"
-TRAIN, VAL = 12, 10  # uploaded photos per class
-JOB = {"strategy": "linear_probe", "solver": "lbfgs", "image_size": 64}
+TRAIN, VAL = 30, 10  # uploaded photos per class
+JOB = {"strategy": "linear_probe", "solver": "lbfgs", "image_size": 224}
 
 
 def bloodcell_files(split: str, per_class: int, skip: int = 0) -> list:
@@ -213,3 +213,19 @@ def test_exports_carry_the_threshold_and_answer_the_score(served, tmp_path):
     _, _, scores = scripted(batch_of(photos, pre).contiguous())
     served_scores = [r["ood"]["score"] for r in predict(client, model["id"], photos).json()["results"]]
     assert torch.allclose(scores, torch.tensor(served_scores), atol=1e-4)
+
+
+def test_the_cli_shows_unknown_and_the_models_threshold(served, capsys, monkeypatch, tmp_path):
+    from tests.e2e.test_cli import graft
+    from tests.support.live import uvicorn_thread
+
+    client, models = served
+    model_id = models["plain"]["id"]
+    foreign = predict(client, model_id, FOREIGN[:4]).json()["results"]
+    with uvicorn_thread(create_app(client.app.state.settings)) as url:
+        code, out, err = graft(capsys, monkeypatch, "predict", model_id, *map(str, FOREIGN[:4]), GRAFT_URL=url)
+        assert code == 0, err
+        assert out.count("unknown") >= sum(r["unknown"] for r in foreign) >= 1
+        code, out, err = graft(capsys, monkeypatch, "models", "show", model_id, GRAFT_URL=url)
+    assert code == 0, err
+    assert "unknown below" in out and "cosine score" in out, out  # the threshold it answers unknown below

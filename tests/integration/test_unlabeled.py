@@ -218,3 +218,26 @@ def test_an_auto_job_self_trains_on_the_unlabeled_images_through_a_worker(client
     # an explicit strategy cannot self-train: refused before it is queued
     assert_problem(client.post("/v1/jobs", json={"dataset_id": ds["id"], "strategy": "linear_probe",
                                                  "unlabeled": "pseudo_label"}), 422, "auto")
+
+
+def test_graft_label_shows_the_suggestions_and_sends_the_answers(client, settings, trained, capsys, monkeypatch):
+    """The CLI's labeling loop: Enter accepts the pre-label, a class name corrects it, 's' skips, 'q' stops;
+    the answers reach the dataset as one change (a new version: a job used it)."""
+    import io
+
+    from tests.e2e.test_cli import graft
+    from tests.support.live import uvicorn_thread
+
+    ds, model_id, _ = trained
+    rows = client.get(f"/v1/models/{model_id}/suggestions", params={"dataset_id": ds["id"], "k": 4}).json()[
+        "suggestions"]
+    other = {"ants": "bees", "bees": "ants"}[rows[1]["predicted_label"]]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"\n{other}\ns\nq\n"))
+    with uvicorn_thread(create_app(settings)) as url:
+        code, out, err = graft(capsys, monkeypatch, "label", model_id, "--dataset", ds["id"], "-k", "4", GRAFT_URL=url)
+    assert code == 0, err
+    assert "suggestions (margin)" in out and rows[0]["original_name"] in out and "labeled 2 image(s)" in out
+    labeled = {i["id"]: i["label"] for i in images(client, out.split("dataset ")[-1].split()[0])}
+    assert labeled[rows[0]["image_id"]] == rows[0]["predicted_label"] and labeled[rows[1]["image_id"]] == other
+    assert labeled[rows[2]["image_id"]] is None and labeled[rows[3]["image_id"]] is None  # skipped, then stopped
+    assert {i["id"]: i["label"] for i in images(client, ds["id"])}[rows[0]["image_id"]] is None  # the used version stays

@@ -298,6 +298,8 @@ def test_trained_model_reports_calibration_and_serves_calibrated_probabilities(d
     manifest = {"backbone": SPEC.name, "classes": ["ants", "bees"], "preprocessing": PRE.to_dict()}
     path, digest, _ = write_artifact(tmp_path, "m1", result.classifier, manifest)
     serving = json.loads((path / "manifest.json").read_text())["serving"]
+    ood = serving.pop("ood")  # the "none of these" threshold, fitted on held-out predictions (issue 17)
+    assert ood["fitted_on"] == "val predictions" and ood["images"] == len(data.val_y)
     assert serving == {"head": "mlp", "hidden_dim": 512, "dropout": 0.0, "tta_flip": True,
                        "temperature": result.classifier.temperature}
     loaded = load_artifact(path, digest)

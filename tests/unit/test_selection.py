@@ -258,3 +258,33 @@ def test_the_top_is_cross_validated_over_fewer_folds_when_k_do_not_fit(unsplit, 
     folds = fitted[:3]
     assert len(folds) == 3 and sum(n - f for f in folds) == n  # 3 folds, each image held out once
     assert "3 folds for fine_tune_top" in result.metrics["auto"]["selected_on"]
+
+
+def test_a_top_of_network_winner_says_unknown_by_its_folds_own_features(unsplit, monkeypatch):
+    """Issue 17: a fine_tune_top model keeps the "cosine" score. Its threshold comes from the
+    held-out images' scores, each computed by the fold's model that never trained on that image; its
+    stored centre and class means are the final network's features, as /predict computes them."""
+    from workers.ood import cosine_parameters, pass_threshold
+    from workers.preprocessing import eval_crop, normalize
+
+    monkeypatch.setattr(selection, "select", lambda logits, y: len(logits) - 1)  # the top: scored last
+    monkeypatch.setattr(auto, "plan_fine_tuning", lambda *args, **kwargs: [])
+    data = dataclasses.replace(unsplit, test_x=None, test_y=None)
+    result = train(TrainConfig(backbone="efficientnet_lite0", image_size=64, seed=7, time_budget_s=60), data,
+                   SPEC.build_features(pretrained=True), SPEC.feature_dim, Recorder(), CPU)
+    assert result.recipe["strategy"] == "fine_tune_top"
+    ood, held = result.classifier.ood, result.held_out
+    assert ood.kind == "cosine" and ood.details["scored_by"] == "each fold's own model"
+    assert ood.details["fitted_on"] == "out of fold predictions" and ood.details["images"] == len(held.y)
+    assert ood.threshold == pytest.approx(pass_threshold(held.feature_scores))
+    # The fold models' scores are not the final model's own view of images it trained on.
+    final = cosine_parameters(held.features, held.y, list(range(len(data.classes))))
+    assert torch.allclose(ood.center, final["center"], atol=1e-5) and torch.allclose(ood.means, final["means"],
+                                                                                      atol=1e-5)
+    # What /predict computes (the network's own forward and its mirror's, then the score) is the
+    # score of those features, up to the cache's fp16 activations.
+    x = normalize(eval_crop(torch.cat([data.train_x, data.val_x])[:6], data.preprocessing), data.preprocessing)
+    c = result.classifier.eval()
+    with torch.no_grad():
+        served = ood.score(None, 1.0, c.features(x), c.features(x.flip(-1)))
+    assert torch.allclose(served, ood.score(None, 1.0, held.features[:6]), atol=2e-3)

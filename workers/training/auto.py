@@ -266,6 +266,7 @@ class Scored:
     scored_on: str  # "out of fold" or "val"
     result: TrainResult | None = None  # a model trained on train only (holdout candidates)
     semi: bool = False  # self-trained on the dataset's unlabeled images too (workers/training/semi.py)
+    ood_scores: torch.Tensor | None = None  # issue 17: fine_tune_top's out-of-fold "cosine" scores over rows
 
 
 def train_auto(config: TrainConfig, data: PreparedData, features: nn.Module, feature_dim: int,
@@ -597,15 +598,17 @@ class _Search:
     def _cv_top(self, c: TrainConfig, acts, y, folds) -> Scored:
         """The top's out-of-fold logits: a deterministic function of the recipe, the folds, the
         images and the weights, so an earlier job's are reused."""
-        from workers.training.top import fit_top, top_logits
+        from workers.ood import fold_cosine_scores
+        from workers.training.top import fit_top, top_outputs
         spec = get_backbone(c.backbone)
         n, k = len(y), int(folds.max()) + 1
         key = self._reuse_key(self.primary, f"out-of-fold:{_recipe_hash(c, y, folds)}")
         if key and (entry := REUSED_FEATURES.get(key)) is not None:
-            return self._finished([Scored(c, entry["logits"], torch.arange(n), 0.0, "out of fold")],
+            return self._finished([Scored(c, entry["logits"], torch.arange(n), 0.0, "out of fold",
+                                          ood_scores=entry.get("ood_scores"))],
                                   phase="auto search: fine_tune_top", unit="folds", done=k, total=k,
                                   candidate=_describe(c), reused=True)[0]
-        logits = torch.zeros(n, len(self.data.classes))
+        logits, ood_scores = torch.zeros(n, len(self.data.classes)), torch.zeros(n)
         t0 = time.perf_counter()
         for f in range(k):
             self.control.progress({"phase": "auto search: fine_tune_top", "unit": "folds", "done": f, "total": k,
@@ -613,10 +616,14 @@ class _Search:
             fit_idx, out_idx = torch.nonzero(folds != f).flatten(), torch.nonzero(folds == f).flatten()
             model = fit_top(c, self.features, spec, acts, fit_idx, y[fit_idx], len(self.data.classes),
                             _Quiet(self.control), self.device)
-            logits[out_idx] = top_logits(model, spec, acts.k, acts, out_idx, bool(c.tta_flip))
+            logits[out_idx], out_feats = top_outputs(model, spec, acts.k, acts, out_idx, bool(c.tta_flip))
+            # Issue 17: the fold's model scores its held-out images against its own training features.
+            fit_feats = top_outputs(model, spec, acts.k, acts, fit_idx, bool(c.tta_flip))[1]
+            ood_scores[out_idx] = fold_cosine_scores(fit_feats, y[fit_idx].cpu(), out_feats, self.data.classes)
         if key:
-            REUSED_FEATURES.put(key, {"logits": logits})
-        return self._finished([Scored(c, logits, torch.arange(n), time.perf_counter() - t0, "out of fold")], done=k)[0]
+            REUSED_FEATURES.put(key, {"logits": logits, "ood_scores": ood_scores})
+        return self._finished([Scored(c, logits, torch.arange(n), time.perf_counter() - t0, "out of fold",
+                                      ood_scores=ood_scores)], done=k)[0]
 
     def _holdout_fine_tunes(self, have_others: bool, seconds_left: float) -> list[Scored]:
         """Fine-tuning candidates that fit the budget, trained on train and scored on val."""
@@ -825,13 +832,18 @@ class _Search:
         # Issue 19: the winner's out-of-sample logits over its rows are the model's held-out predictions.
         from workers.training.contract import HeldOut
         result.held_out = HeldOut(best.logits.float().cpu(), self.y[best.rows], best.rows.cpu(), best.scored_on,
-                                  features=self._frozen_features(best, chosen))
+                                  features=self._served_features(best, chosen, result.classifier),
+                                  feature_scores=best.ood_scores)
         return result
 
-    @staticmethod
-    def _frozen_features(best: Scored, chosen: _Frozen) -> torch.Tensor | None:
-        """Issue 17: the pooled frozen features a winning head reads (as served), for its OOD score;
-        None when the winner tuned its backbone."""
+    def _served_features(self, best: Scored, chosen: _Frozen, classifier: Classifier) -> torch.Tensor | None:
+        """Issue 17: the pooled features the winner's head reads (as served), for its OOD score: the
+        frozen ones of a head, the final network's of fine_tune_top (its folds scored the held-out
+        images); None for another tuned backbone."""
+        if best.config.strategy == "fine_tune_top" and best.ood_scores is not None and chosen.acts is not None:
+            from workers.training.top import top_outputs
+            return top_outputs(classifier, get_backbone(best.config.backbone), chosen.acts.k, chosen.acts,
+                               torch.arange(len(self.y)), bool(best.config.tta_flip))[1]
         if best.config.strategy != "linear_probe":
             return None
         if best.result is not None and best.result.held_out is not None:

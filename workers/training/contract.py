@@ -123,6 +123,10 @@ class HeldOut:
     # mirror-averaged when the model averages mirrors), when its backbone is the frozen one they
     # were computed with (heads on frozen features); None otherwise. The OOD score is fitted on them.
     features: torch.Tensor | None = None
+    # Issue 17, a tuned backbone (auto's fine_tune_top): `features` are then the final model's, and
+    # these are the "cosine" scores [len(rows)] of the held-out rows, each computed by the fold's
+    # model that never trained on it (its own features and class means).
+    feature_scores: torch.Tensor | None = None
 
 
 @dataclass

@@ -373,20 +373,32 @@ def top_logits(classifier: Classifier, spec: BackboneSpec, k: int, acts: StageAc
                tta_flip: bool = True) -> torch.Tensor:
     """Logits (float32, host) of cached images acts[idx], mirror-averaged when tta_flip: what the
     full classifier gives for those images, without running the bottom again."""
+    return top_outputs(classifier, spec, k, acts, idx, tta_flip)[0]
+
+
+@torch.no_grad()
+def top_outputs(classifier: Classifier, spec: BackboneSpec, k: int, acts: StageActivations, idx: torch.Tensor,
+                tta_flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_logits' logits, and the features the head read (float32, host; mirror-averaged when
+    tta_flip, as workers/ood.served_features serves them): the out-of-distribution score's input."""
     if k != acts.k:
         raise ValueError(f"these activations were cut {acts.k} stages from the output, not {k}")
     classifier.eval()
     top = top_of(classifier.features, spec, acts.k)
     device = next(classifier.parameters()).device
-    out = []
+    out, feats = [], []
     for b in _batches(len(idx), TOP_BATCH):
         rows = idx.cpu()[b]
         with autocast(device):
-            logits = classifier.head_logits(top(acts.batch(rows, device))).float()
+            f = top(acts.batch(rows, device)).float()
+            logits = classifier.head_logits(f).float()
             if tta_flip:
-                logits = (logits + classifier.head_logits(top(acts.batch(rows, device, True))).float()) / 2
+                fm = top(acts.batch(rows, device, True)).float()
+                logits = (logits + classifier.head_logits(fm).float()) / 2
+                f = (f + fm) / 2
         out.append(logits.cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        feats.append(f.cpu())
+    return (torch.cat(out), torch.cat(feats)) if out else (torch.empty(0), torch.empty(0))
 
 
 # --- the explicit strategy --------------------------------------------------------------------------

@@ -411,17 +411,23 @@ class _Search:
         self._pools[side.name] = (cache.train.float().cpu(), cache.mirror("train").float().cpu())
         return self._pools[side.name]
 
-    def _cv_semi(self, scored: list[Scored], y: torch.Tensor, folds: torch.Tensor) -> Scored | None:
-        """The best cross-validated logistic head, self-trained on the unlabeled images in each fold
-        (workers/training/semi.py): one more candidate, scored out of fold on labeled images only."""
-        pool_size = self._pool_size()
-        if not pool_size:
-            return None
+    def _self_trainable(self, scored: list[Scored]) -> list[Scored]:
+        """The logistic heads among `scored` that self-training starts from; none without unlabeled
+        images, or (the report then says why) without such a head."""
+        if not (pool_size := self._pool_size()):
+            return []
         heads = [s for s in scored if s.config.solver == "lbfgs" and s.config.strategy == "linear_probe"]
         if not heads:
             self.semi_report = {"used": False, "unlabeled_images": pool_size,
                                 "reason": "no logistic head among the candidates to self-train"}
+        return heads
+
+    def _cv_semi(self, scored: list[Scored], y: torch.Tensor, folds: torch.Tensor) -> Scored | None:
+        """The best cross-validated logistic head, self-trained on the unlabeled images in each fold
+        (workers/training/semi.py): one more candidate, scored out of fold on labeled images only."""
+        if not (heads := self._self_trainable(scored)):
             return None
+        pool_size = self._pool_size()
         base = heads[selection.select([s.logits for s in heads], y)]
         c, side, k = base.config, self.frozen[base.config.backbone], int(folds.max()) + 1
         pool, pool_mirror = self._pool_features(side)
@@ -444,14 +450,9 @@ class _Search:
     def _val_semi(self, scored: list[Scored], caches: dict[str, FeatureCache]) -> Scored | None:
         """With a val split you gave: the best logistic head on val, self-trained on the train images
         and the unlabeled ones, scored on val (which it never trains or calibrates on)."""
+        if not (heads := self._self_trainable(scored)):
+            return None
         pool_size = self._pool_size()
-        if not pool_size:
-            return None
-        heads = [s for s in scored if s.config.solver == "lbfgs" and s.config.strategy == "linear_probe"]
-        if not heads:
-            self.semi_report = {"used": False, "unlabeled_images": pool_size,
-                                "reason": "no logistic head among the candidates to self-train"}
-            return None
         target = self.data.val_y.cpu()
         base = heads[selection.select([s.logits for s in heads], target)]
         c, side = base.config, self.frozen[base.config.backbone]

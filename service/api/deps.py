@@ -44,8 +44,11 @@ def get_read_session(request: Request) -> Iterator[Session]:
 
 
 SettingsDep = Annotated[Settings, Depends(app_state("settings"))]
-SessionDep = Annotated[Session, Depends(get_session)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+# scope="function": the transaction commits before the response is sent. The default ("request")
+# commits after it, so a client could be told 202 and read 404 for the job it had just made, and a
+# failed commit would follow a success already sent.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 BlobsDep = Annotated[BlobStore, Depends(app_state("blobs"))]
 ModelCacheDep = Annotated[ModelCache, Depends(app_state("model_cache"))]
 RateLimiterDep = Annotated["RateLimiter", Depends(app_state("rate_limiter"))]

@@ -11,6 +11,8 @@ from service.api.auth import create_key, create_project
 from service.api.schemas import Readiness
 from service.app import create_app
 from service.store.db import Database
+from service.store.queue import JobQueue
+from service.store.tables import DEFAULT_PROJECT_ID
 from tests.support.data import subset_zip
 
 PROBLEM = "application/problem+json"
@@ -96,3 +98,30 @@ def test_readyz_answers_as_declared(client, settings):
     broken = client.get("/readyz")
     assert broken.status_code == 503 and broken.headers["content-type"].startswith(PROBLEM)
     assert "artifact_store" in broken.json()["detail"] and broken.json()["checks"]["database"]["ok"]
+
+
+def test_a_write_is_committed_before_its_answer_is_sent(any_db_settings):
+    """A client that is told 202 may read the job at once: at the moment the answer starts, another
+    connection already sees the row (it did not when the session committed after the response)."""
+    settings = any_db_settings.model_copy(update={"min_images_per_class": 2})
+    app = create_app(settings)
+    seen_at_answer: list[int] = []
+
+    async def watching(scope, receive, send):
+        async def send_and_look(message):
+            if (scope["type"] == "http" and (scope["method"], scope["path"]) == ("POST", "/v1/jobs")
+                    and message["type"] == "http.response.start"):
+                other = Database(settings.database_url)
+                with other.session(readonly=True) as s:
+                    seen_at_answer.append(len(JobQueue.list_jobs(s, DEFAULT_PROJECT_ID)))
+                other.dispose()
+            await send(message)
+        await app(scope, receive, send_and_look)
+
+    with TestClient(watching) as client:
+        dataset = client.post("/v1/datasets", files={"file": ("t.zip", subset_zip(2, 1))}).json()
+        for n in (1, 2):
+            job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "strategy": "linear_probe"})
+            assert job.status_code == 202, job.text
+            assert client.get(f"/v1/jobs/{job.json()['id']}").status_code == 200
+            assert seen_at_answer[-1] == n

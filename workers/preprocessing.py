@@ -156,13 +156,13 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixer: v2.Transform | None, mix_
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """With probability mix_prob, mix the batch: returns soft targets [N, C] then, else the labels.
 
-    Works on image batches [N,3,H,W] and on feature batches [N,D] (MixUp only: viewed as [N,D,1,1]).
-    Whether to mix is drawn from `generator`; the mixing coefficient from torch's global RNG
-    (seeded per job), as torchvision draws it.
+    Works on image batches [N,3,H,W] and on feature or token batches [N,D], [N,T,D] (MixUp only:
+    viewed as [N,D,1,1], [N,T*D,1,1]). Whether to mix is drawn from `generator`; the mixing
+    coefficient from torch's global RNG (seeded per job), as torchvision draws it.
     """
     if mixer is None or len(y) < 2 or float(torch.rand((), generator=generator)) >= (mix_prob or 0.0):
         return x, y
-    if x.ndim == 2:
-        mixed, targets = mixer(x[:, :, None, None], y)
-        return mixed.flatten(1), targets
+    if x.ndim < 4:  # torchvision's MixUp takes image batches; it mixes whole rows, whatever their shape
+        mixed, targets = mixer(x.reshape(len(x), -1, 1, 1), y)
+        return mixed.reshape(x.shape), targets
     return mixer(x, y)

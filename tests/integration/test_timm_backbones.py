@@ -87,7 +87,7 @@ def test_a_registered_backbone_trains_serves_and_exports_like_a_built_in_one(api
     assert len(mine["sha256"]) == 64 and mine["weights_path"] == str(weights)
     vit = listed[f"timm/{TINY_VIT}"]
     assert (vit["source"], vit["weights_available"], vit["fixed_input_size"], vit["fine_tune_top"]) == (
-        "timm", True, True, False)
+        "timm", True, True, True)
     assert listed["efficientnet_lite0"]["source"] == "package"
 
     probe = train(client, settings, dataset_id, backbone="tiny-eff", strategy="linear_probe", image_size=64, epochs=3)
@@ -106,13 +106,17 @@ def test_a_registered_backbone_trains_serves_and_exports_like_a_built_in_one(api
     assert resp.status_code == 409 and "unknown backbone 'tiny-eff'" in resp.json()["detail"], resp.text
 
 
-def test_a_timm_vit_from_the_hugging_face_cache_trains_and_exports(api, settings, tmp_path):
+def test_a_timm_vit_from_the_hugging_face_cache_trains_top_and_exports(api, settings, tmp_path):
     client, dataset_id, _ = api
     job = train(client, settings, dataset_id, backbone="timm/test_vit", strategy="linear_probe", epochs=2)
     assert job["status"] == "succeeded", job
     model = client.get(f"/v1/models/{job['model_id']}").json()
     assert model["backbone"] == f"timm/{TINY_VIT}"
     assert_onnx_answers_like_predict(client, job["model_id"], tmp_path)
+
+    top = train(client, settings, dataset_id, backbone="timm/test_vit", strategy="fine_tune_top", epochs=2)
+    assert top["status"] == "succeeded", top  # trained on cached tokens, served as the whole network
+    assert_onnx_answers_like_predict(client, top["model_id"], tmp_path)
 
 
 def test_a_job_whose_backbone_this_worker_does_not_know_fails_once_saying_what_to_do(api, settings):

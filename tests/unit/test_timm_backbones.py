@@ -290,3 +290,89 @@ def test_a_partial_fine_tune_of_a_timm_vit_trains_its_last_stages_only(registry,
     changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
                for k, v in pristine.state_dict().items() if not torch.equal(v, tuned[k])}
     assert changed == {"blocks.5", "norm"}, changed  # the last block and the final norm: 2 stages
+
+
+def _tiny_vit_top(registry, tmp_path, **overrides):
+    """A registered tiny ViT (random weights), its tokens cached over a few photos, and its top trained
+    by fine_tune_top: (spec, pristine features, data, activations, classifier)."""
+    from tests.support.training import Recorder, tiny_data
+    from workers.training.top import StageActivations, fit_top
+
+    state = random_weights(TINY_VIT, seed=9)
+    spec = register(registry, "tiny-vit", write_safetensors(tmp_path / "vit.safetensors", state), TINY_VIT, BUILTIN)
+    config = TrainConfig(**{"backbone": "tiny-vit", "strategy": "fine_tune_top", "epochs": 2, "batch_size": 4,
+                            "learning_rate": 1e-2, "unfreeze_stages": 2, **overrides})
+    data = tiny_data(3, 2, pre=spec.preprocessing)
+    pristine = spec.build_features(pretrained=True)
+    cpu = torch.device("cpu")
+    acts = StageActivations.compute(pristine, spec, data.labeled_x(), spec.preprocessing, config.unfreeze_stages, cpu,
+                                    Recorder())
+    train_idx = torch.arange(len(data.train_y))
+    classifier = fit_top(config, pristine, spec, acts, train_idx, data.train_y, 2, Recorder(), cpu)
+    return spec, pristine, data, acts, classifier
+
+
+@pytest.mark.parametrize("k, bn_mode, trained", [(1, "adabn", {"norm"}), (2, "train", {"blocks.5", "norm"})])
+def test_fine_tune_top_of_a_timm_vit_trains_its_last_stages_on_cached_tokens_only(registry, tmp_path, k, bn_mode,
+                                                                                  trained):
+    from tests.support.training import Recorder
+    from workers.decoded_cache import SCRATCH
+    from workers.training.top import StageActivations
+
+    # MixUp of tokens, and BatchNorm modes that find no BatchNorm in a LayerNorm network
+    spec, pristine, data, acts, classifier = _tiny_vit_top(registry, tmp_path, unfreeze_stages=k, bn_mode=bn_mode,
+                                                           mixup_alpha=0.4, mix_prob=1.0)
+    tokens = 1 + (160 // 16) ** 2  # the class token, then the patches
+    assert acts.acts.dtype == torch.float16 and acts.acts.shape == (len(data.labeled_x()), tokens, 64)
+    assert not torch.equal(acts.acts, acts.acts_mirror)
+    saved = SCRATCH.max_bytes, SCRATCH.root
+    SCRATCH.configure(1024, tmp_path / "scratch")  # past the worker's memory budget: a mapped scratch file
+    try:
+        spilled = StageActivations.compute(pristine, spec, data.labeled_x(), spec.preprocessing, k,
+                                           torch.device("cpu"), Recorder())
+    finally:
+        SCRATCH.configure(*saved)
+    with open("/proc/self/maps") as maps:
+        assert str(tmp_path / "scratch") in maps.read()
+    assert torch.equal(spilled.acts, acts.acts) and torch.equal(spilled.acts_mirror, acts.acts_mirror)
+    before, tuned = pristine.state_dict(), classifier.features.state_dict()
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+               for k, v in before.items() if not torch.equal(v, tuned[k])}
+    assert changed == trained, changed  # the class token, position embedding and other blocks bit-identical
+
+
+def test_a_timm_vit_top_serves_the_features_and_probabilities_it_was_scored_on(registry, tmp_path):
+    from workers.artifacts import load_artifact, write_artifact
+    from workers.ood import served_features
+    from workers.preprocessing import eval_crop, normalize
+    from workers.training.top import top_outputs
+
+    spec, _, data, acts, classifier = _tiny_vit_top(registry, tmp_path, tta_flip=True)
+    classifier.tta_flip = True
+    pre = spec.preprocessing
+    _, digest, _ = write_artifact(tmp_path / "models", "m", classifier,
+                                  {"backbone": spec.name, "classes": data.classes, "preprocessing": pre.to_dict()})
+    served = load_artifact(tmp_path / "models" / "m", digest).classifier  # what /predict loads and runs
+    x = normalize(eval_crop(data.val_x, pre), pre)
+    with torch.inference_mode():
+        feats = served_features(served.features(x), served.features(x.flip(-1)))
+        probs = served.predict_proba(x)
+    val = torch.arange(len(data.train_y), len(acts))
+    logits, cached = top_outputs(classifier, spec, 2, acts, val, tta_flip=True)
+    assert (feats - cached).abs().max() < 0.01 * cached.abs().max()
+    assert (probs - torch.softmax(logits / classifier.temperature, dim=1)).abs().max() < 0.01
+
+
+def test_auto_on_a_timm_vit_cross_validates_fine_tune_top_among_its_candidates(registry, tmp_path):
+    import dataclasses
+
+    from tests.support.training import Recorder, tiny_data
+    from workers.training import train
+
+    state = random_weights(TINY_VIT, seed=10)
+    spec = register(registry, "tiny-vit", write_safetensors(tmp_path / "vit.safetensors", state), TINY_VIT, BUILTIN)
+    data = dataclasses.replace(tiny_data(6, 3, pre=spec.preprocessing), val_given=False)
+    result = train(TrainConfig(strategy="auto", backbone="tiny-vit", time_budget_s=120), data,
+                   spec.build_features(pretrained=True), spec.feature_dim, Recorder(), torch.device("cpu"))
+    tops = [c for c in result.metrics["auto"]["candidates"] if c["recipe"]["strategy"] == "fine_tune_top"]
+    assert len(tops) == 1 and tops[0]["scored_on"] == "out of fold", result.metrics["auto"]["candidates"]

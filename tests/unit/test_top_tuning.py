@@ -55,19 +55,38 @@ def is_stat(key: str) -> bool:
 # --- the cut -----------------------------------------------------------------------------------
 
 # Every layout top.py cuts: the Lites, torchvision's ResNets and RegNets, and each timm family it
-# lists (_TIMM_SEQUENTIAL), on small members of the family.
+# lists (_TIMM_SEQUENTIAL), on small members of the family; timm's ViTs pooled by their class token,
+# by the mean of their tokens (register tokens, no class token) and by attention.
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "regnet_y_1_6gf", "timm/test_efficientnet",
                                   "timm/test_resnet", "timm/test_convnext", "timm/test_byobnet", "timm/regnetx_002",
-                                  "timm/mobilenetv3_small_050"])
+                                  "timm/mobilenetv3_small_050", "timm/test_vit", "timm/test_vit2", "timm/test_vit3"])
 def test_bottom_then_top_equals_the_backbones_own_forward_at_every_cut(name):
     spec = get_backbone(name)
     features = spec.build_features(pretrained=False)  # the architecture is what is cut; no weights needed
-    torch.nn.init.normal_(next(features.parameters()))  # not the symmetric initialisation alone
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch.nn.init.normal_(next(features.parameters()))  # not the symmetric initialisation alone (a ViT: its tokens)
+    side = spec.preprocessing.input_size if spec.fixed_input_size else 64
+    x = torch.randn(2, 3, side, side).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         full = features(x)
         for k in range(1, len(spec.stages(features)) + 1):
             assert (top_of(features, spec, k)(bottom_of(features, spec, k)(x)) - full).abs().max() < 1e-5, k
+
+
+def test_torchvisions_vit_is_cut_after_its_class_token_and_position_embedding():
+    spec = get_backbone("vit_b_16")  # 86M parameters at 224 px: two cuts, not all thirteen
+    features = spec.build_features(pretrained=False)
+    torch.nn.init.normal_(features.class_token)
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        full = features(x)
+        last = len(spec.stages(features)) - 1  # every encoder layer and the final LayerNorm above the cut
+        tokens = bottom_of(features, spec, last)(x)
+        assert tokens.shape == (2, 1 + 14 * 14, 768)
+        assert (top_of(features, spec, last)(tokens) - full).abs().max() < 1e-4
+        assert (top_of(features, spec, 1)(bottom_of(features, spec, 1)(x)) - full).abs().max() < 1e-4
+    bottom = {id(p) for p in bottom_of(features, spec, last).parameters()}
+    assert bottom == {id(p) for p in (features.class_token, features.encoder.pos_embedding,
+                                      *features.conv_proj.parameters())}
 
 
 def test_only_backbones_whose_forward_splits_between_stages_are_offered():
@@ -75,8 +94,9 @@ def test_only_backbones_whose_forward_splits_between_stages_are_offered():
     assert supports_top_tuning(get_backbone("regnet_y_1_6gf")) and supports_top_tuning(get_backbone("timm/test_convnext"))
     assert not supports_top_tuning(get_backbone("mobilenet_v3_large"))
     assert not supports_top_tuning(get_backbone("convnext_tiny"))
-    # a ViT adds its class token and position embedding between the patch stem and the blocks
-    assert not supports_top_tuning(get_backbone("vit_b_16")) and not supports_top_tuning(get_backbone("timm/test_vit"))
+    # a ViT's class token and position embedding are part of its bottom
+    assert supports_top_tuning(get_backbone("vit_b_16")) and supports_top_tuning(get_backbone("vit_b_16_swag"))
+    assert supports_top_tuning(get_backbone("timm/test_vit"))
 
 
 def test_the_cache_holds_fp16_inputs_of_the_cut_and_its_pooled_features_are_the_probes(data, pretrained, acts):
@@ -201,7 +221,7 @@ def test_fine_tune_top_defaults_are_the_measured_recipe():
     ({"cutmix_alpha": 1.0}, "cutmix mixes pixels"),
     ({"augmentation": "strong"}, "'strong' needs strategy 'partial'"),
     ({"backbone": "mobilenet_v3_large"}, "splits between stages"),
-    ({"backbone": "timm/test_vit"}, "use strategy 'partial'"),
+    ({"backbone": "convnext_tiny"}, "use strategy 'partial'"),
 ])
 def test_recipes_that_need_pixels_or_an_unsplittable_backbone_are_refused(bad, says):
     with pytest.raises(ValidationError, match=says):

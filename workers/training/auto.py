@@ -103,7 +103,8 @@ DECODE_IMAGES_PER_S = 300.0  # decoding the images again for another backbone's 
 # activations). CPU: 256 training, measured inside a default job on bloodcells (2 cores, idle: its
 # 5 folds and refit took 176 s; the bare loop reaches 340-390); predicting is a forward only,
 # about three times as fast. GPU: not yet measured (no session had one; the 7x7 activations cross
-# the host link each batch), set well below the whole-network rate's 10x.
+# the host link each batch), set well below the whole-network rate's 10x. Every backbone, a ViT
+# too (its cached tokens are larger and its blocks slower), is costed at Lite0's rates: not measured.
 TOP_TRAIN_IMAGES_PER_S = {"cpu": 256.0, "cuda": 8000.0}
 TOP_INFER_IMAGES_PER_S = {"cpu": 1500.0, "cuda": 20000.0}
 TOP_STAGES = 2

@@ -12,6 +12,7 @@ so a search pays for one bottom pass.
 The top runs the backbone's own modules from the cut on (a layout per architecture family: timm's
 EfficientNets, torchvision's ResNets), so what `fit_top` returns is the ordinary Classifier — the
 full network, its bottom bit-identical to pretrained — stored and served like a fine_tune model.
+A ViT's cache holds tokens [N, T, D] (its class token and position embedding are in the bottom).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from workers.artifacts import Classifier
-from workers.backbones import (_REGNET_STAGES, _RESNET_STAGES, BACKBONES, BackboneSpec, Preprocessing,
-                                freeze_for_cpu, get_backbone)
+from workers.backbones import (_REGNET_STAGES, _RESNET_STAGES, _VIT_STAGES, BACKBONES, BackboneSpec,
+                                Preprocessing, freeze_for_cpu, get_backbone)
 from workers.config import TrainConfig
 from workers.decoded_cache import SCRATCH
 from workers.device import autocast, inference_batch_size
@@ -47,8 +48,9 @@ TRACE_FROM_IMAGES = 64  # tracing Lite0's bottom costs about what 30-60 eager im
 
 
 # timm model classes (timm/<model> and registered backbones) whose forward_features runs their
-# top-level modules in order (a container of stages, one child after the other), and whose
-# forward_head(pre_logits=True) runs the rest: the class -> the top-level modules forward_head runs.
+# top-level modules in order (a container of stages, one child after the other; a ViT's embedding
+# first, _TIMM_EMBEDDINGS), and whose forward_head(pre_logits=True) runs the rest: the class -> the
+# top-level modules forward_head runs.
 # tests/unit/test_top_tuning.py checks each against the model's own forward at every cut.
 _TIMM_SEQUENTIAL: dict[str, tuple[str, ...]] = {
     "EfficientNet": ("global_pool", "classifier"),
@@ -57,6 +59,15 @@ _TIMM_SEQUENTIAL: dict[str, tuple[str, ...]] = {
     "RegNet": ("head",),
     "ByobNet": ("head",),
     "MobileNetV3": ("global_pool", "conv_head", "norm_head", "act2", "flatten", "classifier"),
+    "VisionTransformer": ("attn_pool", "fc_norm", "head_drop", "head"),  # pool: class token, mean or attention
+}
+# timm classes whose forward_features begins with a step no top-level module runs by itself (a ViT:
+# patch embedding, then class and register tokens and position embedding in _pos_embed): the
+# top-level units (modules, parameters) it uses, and the step.
+_TIMM_EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]] = {
+    "VisionTransformer": (("cls_token", "reg_token", "pos_embed", "patch_embed", "pos_drop", "patch_drop",
+                           "norm_pre"),
+                          lambda f, x: f.norm_pre(f.patch_drop(f._pos_embed(f.patch_embed(x))))),
 }
 
 
@@ -66,7 +77,35 @@ def supports_top_tuning(spec: BackboneSpec) -> bool:
         return spec.timm.family in _TIMM_SEQUENTIAL
     if spec.package is not None:  # the Lites
         return spec.stage_groups == _EFFICIENTNET_STAGES
-    return spec.head == "fc" and spec.stage_groups in (_RESNET_STAGES, _REGNET_STAGES)
+    return ((spec.head == "fc" and spec.stage_groups in (_RESNET_STAGES, _REGNET_STAGES))
+            or (spec.head == "heads.head" and spec.stage_groups == _VIT_STAGES))
+
+
+class _Embedding(nn.Module):
+    """A ViT's way from pixels to tokens, which its network runs in code of its own: a module that
+    holds the very parameters and modules that code uses, so it is a stage part like any other."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], parts: dict[str, nn.Module | nn.Parameter]):
+        super().__init__()
+        self._run = run
+        for name, part in parts.items():
+            if isinstance(part, nn.Parameter):
+                self.register_parameter(name, part)
+            else:
+                self.add_module(name, part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+def _timm_embedding(f: nn.Module, family: str) -> tuple[set[str], _Embedding | None]:
+    """The units of `f` that its family's embedding step stands for, and the step (none: no such step)."""
+    if family not in _TIMM_EMBEDDINGS:
+        return set(), None
+    names, run = _TIMM_EMBEDDINGS[family]
+    parts = {n: f._parameters[n] if n in f._parameters else f.get_submodule(n) for n in names
+             if f._parameters.get(n) is not None or n in f._modules}
+    return set(parts), _Embedding(lambda x: run(f, x), parts)
 
 
 # --- the forward, cut between stages --------------------------------------------------------------
@@ -77,8 +116,12 @@ def _stage_modules(features: nn.Module, spec: BackboneSpec) -> tuple[list[list[n
     f = features
     if spec.timm is not None and supports_top_tuning(spec):
         run_by_head = _TIMM_SEQUENTIAL[spec.timm.family]
-        stages = [[f.get_submodule(p) for p in group.split() if p.split(".")[0] not in run_by_head]
-                  for group in spec.stage_groups]
+        embedded, embedding = _timm_embedding(f, spec.timm.family)
+        stages = []
+        for group in spec.stage_groups:
+            stage = [embedding if p in embedded else f.get_submodule(p) for p in group.split()
+                     if p.split(".")[0] not in run_by_head]
+            stages.append([m for i, m in enumerate(stage) if not any(m is o for o in stage[:i])])  # the step once
         # forward_features' parameter-free last modules (an Identity norm) are in no stage: run them too
         children = [n for n, _ in f.named_children()]
         after = children[children.index(spec.stage_groups[-1].split()[-1].split(".")[0]) + 1:]
@@ -102,6 +145,19 @@ def _stage_modules(features: nn.Module, spec: BackboneSpec) -> tuple[list[list[n
 
         def tail(x):
             return torch.flatten(f.avgpool(x), 1)
+    elif isinstance(f, tvm.VisionTransformer) and supports_top_tuning(spec):
+        encoder = f.encoder
+
+        def embed(x):  # VisionTransformer.forward up to its encoder's layers
+            x = f._process_input(x)
+            x = torch.cat([f.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+            return encoder.dropout(x + encoder.pos_embedding)
+        parts = {"class_token": f.class_token, "conv_proj": f.conv_proj, "pos_embedding": encoder.pos_embedding,
+                 "dropout": encoder.dropout}
+        stages = [[_Embedding(embed, parts)], *([layer] for layer in encoder.layers), [encoder.ln]]
+
+        def tail(x):  # the class token's output, through the heads build_features left (an Identity)
+            return f.heads(x[:, 0])
     else:
         raise ValueError(f"backbone {spec.name!r} cannot be cut between stages; fine_tune_top supports "
                          f"{', '.join(n for n, s in BACKBONES.items() if supports_top_tuning(s))}")
@@ -144,9 +200,9 @@ def top_of(features: nn.Module, spec: BackboneSpec, k: int) -> nn.Module:
 @dataclass
 class StageActivations:
     """Inputs of the last k stages of a frozen backbone for each image's eval crop and its mirror
-    (fp16, channels_last, on the host)."""
+    (fp16, on the host; feature maps channels_last)."""
 
-    acts: torch.Tensor  # [N, C, H, W] float16
+    acts: torch.Tensor  # [N, C, H, W] float16; a ViT's tokens [N, T, D]
     acts_mirror: torch.Tensor  # the same for each image's mirror
     spec: BackboneSpec
     k: int  # stages above the cut (clamped to the backbone's)
@@ -172,7 +228,7 @@ class StageActivations:
                 a, m = bottom(normalize(crops, pre)), bottom(normalize(crops.flip(-1), pre))
             if acts is None:
                 # beyond the worker's memory budget: in a scratch file, read back a batch at a time
-                acts, mirror = (SCRATCH.empty((n, *a.shape[1:]), torch.float16, channels_last=True)
+                acts, mirror = (SCRATCH.empty((n, *a.shape[1:]), torch.float16, channels_last=a.dim() == 4)
                                 for _ in range(2))
             acts[idx], mirror[idx] = a.to("cpu", torch.float16), m.to("cpu", torch.float16)
             control.stop_if_asked()
@@ -194,8 +250,9 @@ class StageActivations:
         if isinstance(mirrored, bool):
             x = (self.acts_mirror if mirrored else self.acts)[rows]
         else:
-            x = torch.where(mirrored.view(-1, 1, 1, 1), self.acts_mirror[rows], self.acts[rows])
-        return x.to(device).float().contiguous(memory_format=torch.channels_last)
+            x = torch.where(mirrored.view(-1, *[1] * (self.acts.dim() - 1)), self.acts_mirror[rows], self.acts[rows])
+        x = x.to(device).float()
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
 
     @torch.no_grad()
     def pooled(self, features: nn.Module, control: Control | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +407,8 @@ def _adapt_batchnorm(top: nn.Module, tuned: list[nn.Module], acts: StageActivati
     training images (the bottom, whose output is cached, keeps the pretrained ones); then frozen."""
     meter = PhaseMeter(control, "adapting batchnorm statistics", len(idx), "images")
     bns = [bn for stage in tuned for bn in batchnorms(stage)]
+    if not bns:  # LayerNorm only (a ViT): no statistics to adapt
+        return
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()

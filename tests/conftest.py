@@ -29,7 +29,9 @@ def pytest_configure(config):
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     """Settings on a fresh data dir with a migrated SQLite database."""
-    s = Settings(data_dir=tmp_path / "data", heartbeat_interval_s=0.5, poll_interval_s=0.1,
+    # Heartbeats every 2 s (re-queued after 6 s silent): at 0.5 s a worker loading torch on a loaded
+    # 2-core machine missed three in a row and the API's reaper took its job away mid-test.
+    s = Settings(data_dir=tmp_path / "data", heartbeat_interval_s=2.0, poll_interval_s=0.1,
                  retry_backoff_s=0.0)
     s.ensure_dirs()
     upgrade(s.database_url)
@@ -60,7 +62,7 @@ def any_db_settings(request, tmp_path) -> Settings:
     if request.param == "sqlite":
         return request.getfixturevalue("settings")
     url = request.getfixturevalue("postgres_url")
-    s = Settings(data_dir=tmp_path / "data", database_url=url, heartbeat_interval_s=0.5,
+    s = Settings(data_dir=tmp_path / "data", database_url=url, heartbeat_interval_s=2.0,
                  poll_interval_s=0.1, retry_backoff_s=0.0)
     s.ensure_dirs()
     return s

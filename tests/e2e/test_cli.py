@@ -284,7 +284,6 @@ def test_train_watch_in_a_pipe_shows_each_phase_counting_before_the_job_ends(set
 
     from workers.worker import Worker
 
-    settings = settings.model_copy(update={"heartbeat_interval_s": 2.0})  # no reaping on a loaded machine
     with uvicorn_thread(create_app(settings)) as url:
         dataset = httpx.post(f"{url}/v1/datasets", files={"file": ("d.zip", subset_zip(6, 3))}, timeout=60).json()
         worker = threading.Thread(target=Worker(settings).run, kwargs={"max_jobs": 1}, daemon=True)

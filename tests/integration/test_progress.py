@@ -26,9 +26,6 @@ def three_splits() -> bytes:
 
 
 def test_a_jobs_events_carry_every_phase_in_order_with_the_datasets_counts(settings):
-    # The API's reaper re-queues a job whose heartbeat is 3 intervals late: on a loaded machine
-    # the fixture's 0.5 s is too short to be sure of, and this test is about progress.
-    settings = settings.model_copy(update={"heartbeat_interval_s": 2.0})
     epochs = 4
     with TestClient(create_app(settings)) as client:
         dataset = client.post("/v1/datasets", files={"file": ("bugs.zip", three_splits())}).json()

@@ -119,14 +119,14 @@ def wait_training(api, job_id: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {job_id} never started training: {job}")
 
 
-def test_four_workers_forty_jobs_each_runs_exactly_once(api, db, dataset_id, workers):
-    ids = [submit(api, dataset_id, **TINY_JOB, seed=i) for i in range(40)]
+def test_four_workers_twenty_jobs_each_runs_exactly_once(api, db, dataset_id, workers):
+    ids = [submit(api, dataset_id, **TINY_JOB, seed=i) for i in range(20)]
     for _ in range(4):
         workers.start()
     for job_id in ids:
         assert wait_status(api, job_id, ("succeeded", "failed"), timeout=300)["status"] == "succeeded"
     with db.session() as s:
-        assert s.scalar(select(func.count()).select_from(Model)) == 40
+        assert s.scalar(select(func.count()).select_from(Model)) == 20
         assert {m.job_id for m in s.scalars(select(Model))} == set(ids)
         for job in s.scalars(select(Job)):
             assert job.attempts == 1 and job.model_id

@@ -26,6 +26,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -190,8 +191,40 @@ def wait_for(client: httpx.Client, job_id: str) -> dict:
         time.sleep(0.1)
 
 
+def phase_seconds(client: httpx.Client, job_id: str) -> dict[str, dict]:
+    """Seconds from each phase's first event to the next phase's, and the phase's total (in its
+    unit), from the job's own event log: where submit -> ready went."""
+    events = client.get(f"/v1/jobs/{job_id}/events").json()
+    marks: list[tuple[str, datetime]] = []
+    for e in events:
+        name = e["data"].get("phase") or (f"status: {e['data']['status']}" if e["kind"] == "status" else None)
+        if name and (not marks or marks[-1][0] != name):
+            marks.append((name, datetime.fromisoformat(e["created_at"])))
+    totals = {e["data"]["phase"]: e["data"].get("total") for e in events if e["data"].get("phase")}
+    out: dict[str, float] = {}
+    for (name, at), (_, until) in zip(marks, marks[1:]):
+        out[name] = round(out.get(name, 0.0) + (until - at).total_seconds(), 2)
+    return {name: {"s": s, "total": totals.get(name)} for name, s in out.items()}
+
+
+def feature_ratio(phases: dict, bare: float) -> float | None:
+    """The job's feature pass (images through the backbone a second) over the bare rate."""
+    p = phases.get("extracting features")
+    return round(p["total"] / p["s"] / bare, 2) if p and p["total"] and p["s"] else None
+
+
+def bare_features_per_s() -> float:
+    """The machine's frozen Lite0 feature rate right now (bench/backbones.py, its own process): this
+    VM's speed drifts by half over hours, so each size's rates are read against this, measured just
+    before it."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "backbones.py"), "--backbones", "efficientnet_lite0",
+                          "--throughput-only"], capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
 def run_size(n: int, zip_path: Path, strategies: list[str], repo: Path, env: dict, job_extra: dict) -> dict:
-    out: dict = {"images": n, "zip_mb": round(zip_path.stat().st_size / 2**20, 1), "load_before": loadavg()}
+    out: dict = {"images": n, "zip_mb": round(zip_path.stat().st_size / 2**20, 1), "load_before": loadavg(),
+                 "bare_features_per_s": bare_features_per_s()}
     with own_server(workers=1, env=env, repo=repo) as (url, data_dir):
         sampler = Sampler(server_pid(data_dir))
         try:
@@ -224,6 +257,8 @@ def run_size(n: int, zip_path: Path, strategies: list[str], repo: Path, env: dic
                     continue
                 metrics = client.get(f"/v1/models/{job['model_id']}").json()["metrics"]
                 out[strategy] = {"submit_to_ready_s": ready, "images_per_s": round(n / ready, 1),
+                                 "phases_s": (phases := phase_seconds(client, job["id"])),
+                                 "feature_pass_vs_bare": feature_ratio(phases, out["bare_features_per_s"]),
                                  "val_accuracy": metrics["val_accuracy"],
                                  "train_seconds": metrics.get("train_seconds"),
                                  "chosen": (metrics.get("auto") or {}).get("chosen", {}).get("strategy")}

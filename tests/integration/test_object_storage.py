@@ -137,7 +137,10 @@ def test_a_store_killed_mid_upload_leaves_no_dataset_and_no_partial_object(s3_se
     try:
         for name, value in s3_env(server.endpoint).items():
             monkeypatch.setenv(name, value)
-        settings = s3_settings.model_copy(update={"storage_url": s3_settings.storage_url + "-kill"})
+        # The product's default timeout and retries: a store just restarted after a SIGKILL can take
+        # more than the suite's 2 s to answer its first writes (it did in CI).
+        settings = s3_settings.model_copy(update={"storage_url": s3_settings.storage_url + "-kill",
+                                                  "storage_timeout_s": 10.0, "storage_max_attempts": 3})
         real_put, calls = S3Objects.put_file, []
 
         def put_then_kill(self, key, source):

@@ -38,7 +38,7 @@ from workers.errors import JobError
 from workers.metrics import _pr_curve, average_precision, multilabel_metrics
 from workers.progress import PhaseMeter
 from workers.training.contract import Control, HeldOut, PreparedData, TrainResult
-from workers.training.logistic import C_GRID, LinearMap, training_set
+from workers.training.logistic import C_GRID, LinearMap, standardized, training_set
 
 MAX_ITER = 500
 
@@ -87,11 +87,7 @@ class OvrPath:
     positives or negatives in this training set finite)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, balanced: bool = False):
-        x64 = x.detach().double().cpu()
-        self.mean = x64.mean(0)
-        std = x64.std(0, unbiased=False)
-        self.std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        self.z = (x64 - self.mean) / self.std
+        self.z, self.mean, self.std = standardized(x)
         self.y = y.detach().double().cpu()
         n, labels = self.y.shape
         positives = self.y.sum(0)

@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.data import hymenoptera_files, make_zip, subset_zip
 from tests.support.live import free_port, stop, venv_env, wait_http
-from tests.support.s3 import BUCKET, WeedServer, object_keys, s3_client, s3_env
+from tests.support.s3 import BUCKET, WeedServer, object_keys, read_after_restart, s3_client, s3_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 PREFIX = "many-machines"
@@ -148,7 +148,7 @@ def test_the_api_and_two_workers_share_nothing_but_postgres_and_the_bucket(machi
         m.weed.start()
         s3 = s3_client(m.weed.endpoint)
         for key in object_keys(m.weed.endpoint, f"{PREFIX}/blobs/"):  # every object there is whole
-            assert hashlib.sha256(_read_after_restart(s3, key)).hexdigest() == key.rsplit("/", 1)[1]
+            assert hashlib.sha256(read_after_restart(s3, key)).hexdigest() == key.rsplit("/", 1)[1]
 
         # 3b. The store stopped during a job: the job waits in the queue, then succeeds.
         fresh = client.post("/v1/datasets", files={"file": ("more.zip", images_zip(20, 5))})
@@ -168,17 +168,3 @@ def test_the_api_and_two_workers_share_nothing_but_postgres_and_the_bucket(machi
         models = {k.split("/")[2] for k in object_keys(m.weed.endpoint, f"{PREFIX}/models/")}
         assert models == {job["model_id"], done["model_id"], finished["model_id"]}  # no orphan of an attempt
 
-
-def _read_after_restart(s3, key: str, attempts: int = 20) -> bytes:
-    """An object's bytes from a SeaweedFS just restarted: its volume answers InternalError for a
-    moment on a loaded machine, which says nothing about what was stored."""
-    from botocore.exceptions import ClientError
-
-    for attempt in range(attempts):
-        try:
-            return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "InternalError" or attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
-    raise AssertionError("unreachable")

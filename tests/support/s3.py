@@ -123,6 +123,21 @@ def ensure_bucket(client) -> None:
         client.create_bucket(Bucket=BUCKET)
 
 
+def read_after_restart(client, key: str, attempts: int = 20) -> bytes:
+    """An object's bytes from a SeaweedFS just restarted: its volume answers InternalError for a
+    moment on a loaded machine, which says nothing about what was stored."""
+    from botocore.exceptions import ClientError
+
+    for attempt in range(attempts):
+        try:
+            return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InternalError" or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """The standard AWS variables Graft (boto3) reads, for this server."""
     return {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}

@@ -48,13 +48,16 @@ def waiter(db):
     w.close()
 
 
+def running_workers(db) -> int:
+    """Workers registered and not marked stopped."""
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(WorkerRecord).where(WorkerRecord.stopped_at.is_(None)))
+
+
 def wait_worker_idle(db, timeout: float = 120) -> None:
     """Until a worker has registered, plus a moment: it has made its first claim and waits."""
     deadline = time.monotonic() + timeout
-    while True:
-        with db.session() as s:
-            if s.scalar(select(func.count()).select_from(WorkerRecord).where(WorkerRecord.stopped_at.is_(None))):
-                break
+    while not running_workers(db):
         assert time.monotonic() < deadline, "no worker started"
         time.sleep(0.1)
     time.sleep(1.0)
@@ -64,9 +67,8 @@ def wait_worker_stopped(db, timeout: float) -> float:
     """The monotonic time at which no worker is registered as running any more."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with db.session() as s:
-            if not s.scalar(select(func.count()).select_from(WorkerRecord).where(WorkerRecord.stopped_at.is_(None))):
-                return time.monotonic()
+        if not running_workers(db):
+            return time.monotonic()
         time.sleep(0.05)
     raise AssertionError(f"the worker did not stop within {timeout}s")
 

@@ -668,9 +668,11 @@ class _Search:
         side = self.frozen[c.backbone]
         if c.strategy == "fine_tune_top":
             return self._refit_top(c, side, y)
-        # Inline, so that the training set (every image and its mirror) goes once it is standardized.
-        fit = logistic.fit_logistic(*logistic.training_set(side.x, y, side.x_mirror if c.augmentation == "light" else None),
-                                    len(self.data.classes), c.logistic_c, balanced=c.class_weighting == "balanced")
+        # The training set (every image and its mirror) goes once the path has standardized it.
+        mirror = side.x_mirror if c.augmentation == "light" else None
+        path = logistic.LogisticPath(*logistic.training_set(side.x, y, mirror), len(self.data.classes),
+                                     c.class_weighting == "balanced")
+        fit = path.fit(c.logistic_c)
         return logistic_classifier(side.features, side.feature_dim, fit, c)
 
     def _refit_top(self, c: TrainConfig, side: _Frozen, y: torch.Tensor) -> Classifier:

@@ -105,9 +105,7 @@ class LogisticPath:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, balanced: bool = False) -> LinearMap:
-    path = LogisticPath(x, y, num_classes, balanced)
-    del x  # the path holds its standardized copy; a caller that kept no reference frees x now
-    return path.fit(c)
+    return LogisticPath(x, y, num_classes, balanced).fit(c)
 
 
 def training_set(train_f: torch.Tensor, train_y: torch.Tensor, mirror_f: torch.Tensor | None) -> tuple:
